@@ -1,0 +1,312 @@
+//! A [`Blob`] in a local directory: the embedded default.
+//!
+//! Each key is one file in the directory, its name the key with every byte
+//! outside `[A-Za-z0-9_-]` written as `%XX` (so keys may contain `/`). A
+//! `set` writes a temporary file (named with a leading `.`, which no encoded
+//! key has), fsyncs it, renames it over the key's file and fsyncs the
+//! directory, so a value is either wholly there or not at all, even after a
+//! crash. Leftover temporary files from a crash are ignored by every read.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::{ExternalError, chain};
+use crate::location::{Blob, BlobMetadata};
+
+/// A [`Blob`] stored as files in one local directory.
+#[derive(Clone, Debug)]
+pub struct FileBlob {
+    root: Arc<PathBuf>,
+}
+
+impl FileBlob {
+    /// Opens the blob store in `root`, creating the directory if needed.
+    ///
+    /// Fails if `root` exists but is not a directory or cannot be created.
+    pub async fn open(root: impl Into<PathBuf>) -> Result<Self, ExternalError> {
+        let root = root.into();
+        let dir = root.clone();
+        blocking(move || {
+            fs::create_dir_all(&dir)
+                .map_err(|e| io_error(&format!("create blob directory {}", dir.display()), e))?;
+            let meta = fs::metadata(&dir)
+                .map_err(|e| io_error(&format!("open blob directory {}", dir.display()), e))?;
+            if !meta.is_dir() {
+                return Err(ExternalError::determinate(format!(
+                    "{} is not a directory",
+                    dir.display()
+                )));
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(FileBlob {
+            root: Arc::new(root),
+        })
+    }
+
+    /// The directory holding the values.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> PathBuf {
+        self.root.join(encode_key(key))
+    }
+}
+
+/// Runs blocking file system work off the async runtime's worker threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ExternalError> + Send + 'static,
+) -> Result<T, ExternalError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ExternalError::indeterminate(format!("file blob task failed: {e}")))?
+}
+
+fn io_error(context: &str, err: io::Error) -> ExternalError {
+    ExternalError::determinate(chain(context, &err))
+}
+
+/// Whether a key byte is written into a file name as it is.
+fn is_plain(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-'
+}
+
+/// Returns the file name that holds `key`.
+fn encode_key(key: &str) -> String {
+    let mut name = String::with_capacity(key.len());
+    for &byte in key.as_bytes() {
+        if is_plain(byte) {
+            name.push(char::from(byte));
+        } else {
+            name.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    name
+}
+
+/// Returns the key held by the file `name`, or `None` if no key encodes to
+/// it (temporary files and foreign files).
+fn decode_key(name: &str) -> Option<String> {
+    let bytes = name.as_bytes();
+    let mut key = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = name.get(i + 1..i + 3)?;
+                let byte = u8::from_str_radix(hex, 16).ok()?;
+                if is_plain(byte) || hex.bytes().any(|b| b.is_ascii_lowercase()) {
+                    // Not the canonical encoding of any key.
+                    return None;
+                }
+                key.push(byte);
+                i += 3;
+            }
+            b if is_plain(b) => {
+                key.push(b);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    String::from_utf8(key).ok()
+}
+
+#[async_trait]
+impl Blob for FileBlob {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, ExternalError> {
+        let path = self.path_of(key);
+        let key = key.to_owned();
+        blocking(move || match fs::read(&path) {
+            Ok(value) => Ok(Some(Bytes::from(value))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(&format!("read blob {key}"), e)),
+        })
+        .await
+    }
+
+    async fn list_keys_and_metadata(
+        &self,
+        key_prefix: &str,
+        f: &mut (dyn FnMut(BlobMetadata) + Send),
+    ) -> Result<(), ExternalError> {
+        let root = Arc::clone(&self.root);
+        let prefix = key_prefix.to_owned();
+        let found = blocking(move || {
+            let entries = fs::read_dir(root.as_path())
+                .map_err(|e| io_error(&format!("list blob directory {}", root.display()), e))?;
+            let mut found = Vec::new();
+            for entry in entries {
+                let entry = entry
+                    .map_err(|e| io_error(&format!("list blob directory {}", root.display()), e))?;
+                let Some(key) = entry.file_name().to_str().and_then(decode_key) else {
+                    continue;
+                };
+                if !key.starts_with(&prefix) {
+                    continue;
+                }
+                match entry.metadata() {
+                    Ok(meta) => found.push(BlobMetadata {
+                        key,
+                        size_in_bytes: meta.len(),
+                    }),
+                    // Deleted since the directory was read.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_error(&format!("stat blob {key}"), e)),
+                }
+            }
+            Ok(found)
+        })
+        .await?;
+        found.into_iter().for_each(f);
+        Ok(())
+    }
+
+    async fn set(&self, key: &str, value: Bytes) -> Result<(), ExternalError> {
+        let root = Arc::clone(&self.root);
+        let path = self.path_of(key);
+        let key = key.to_owned();
+        blocking(move || {
+            write_atomically(&root, &path, &value).map_err(|(applied, e)| {
+                let message = chain(&format!("write blob {key}"), &e);
+                if applied {
+                    ExternalError::indeterminate(message)
+                } else {
+                    ExternalError::determinate(message)
+                }
+            })
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<Option<usize>, ExternalError> {
+        let path = self.path_of(key);
+        let key = key.to_owned();
+        blocking(move || {
+            let size = match fs::metadata(&path) {
+                Ok(meta) => meta.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_error(&format!("stat blob {key}"), e)),
+            };
+            match fs::remove_file(&path) {
+                Ok(()) => Ok(Some(usize::try_from(size).unwrap_or(usize::MAX))),
+                // A concurrent delete won the race; the key is gone either way.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io_error(&format!("delete blob {key}"), e)),
+            }
+        })
+        .await
+    }
+}
+
+/// Writes `value` to `path` through a temporary file in `root` so that the
+/// file appears whole or not at all, and is durable when this returns.
+///
+/// On error, also says whether the new value may already be visible.
+fn write_atomically(root: &Path, path: &Path, value: &[u8]) -> Result<(), (bool, io::Error)> {
+    let tmp = root.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+    let written = (|| {
+        let mut file = File::create(&tmp)?;
+        file.write_all(value)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err((false, e));
+    }
+    // The rename is only durable once the directory entry is.
+    File::open(root)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| (true, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::conformance::blob_conformance_tests!(async {
+        let dir = tempfile::tempdir().unwrap().keep();
+        Some(Arc::new(FileBlob::open(dir).await.unwrap()) as Arc<dyn Blob>)
+    });
+
+    #[test]
+    fn key_encoding_roundtrips_and_hides_temporaries() {
+        for key in [
+            "",
+            "a",
+            "s123/w456/p789",
+            "../etc/passwd",
+            ".tmp-x",
+            "üñí",
+            "a%2Fb",
+            "a b",
+        ] {
+            let name = encode_key(key);
+            assert!(!name.starts_with('.'), "{name}");
+            assert!(!name.contains('/'), "{name}");
+            assert_eq!(decode_key(&name).as_deref(), Some(key), "{name}");
+        }
+        assert_eq!(decode_key(".tmp-abc"), None);
+        assert_eq!(decode_key("%zz"), None);
+        assert_eq!(
+            decode_key("%41"),
+            None,
+            "non-canonical escape of a plain byte"
+        );
+        assert_eq!(decode_key("%2f"), None, "non-canonical lowercase escape");
+    }
+
+    #[tokio::test]
+    async fn durable_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().display());
+        crate::conformance::blob_durable_across_reopen(&uri).await;
+    }
+
+    #[tokio::test]
+    async fn interrupted_writes_are_invisible() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = FileBlob::open(dir.path()).await.unwrap();
+        blob.set("k", Bytes::from_static(b"complete"))
+            .await
+            .unwrap();
+        // What a crash between write and rename leaves behind: a truncated
+        // temporary file next to the real one.
+        fs::write(dir.path().join(".tmp-deadbeef"), b"compl").unwrap();
+
+        assert_eq!(
+            blob.get("k").await.unwrap(),
+            Some(Bytes::from_static(b"complete"))
+        );
+        let mut keys = Vec::new();
+        blob.list_keys_and_metadata("", &mut |m| keys.push(m))
+            .await
+            .unwrap();
+        assert_eq!(
+            keys,
+            vec![BlobMetadata {
+                key: "k".into(),
+                size_in_bytes: 8
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_file_in_place_of_the_directory_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("not-a-dir");
+        fs::write(&path, b"x").unwrap();
+        let err = FileBlob::open(&path).await.unwrap_err();
+        assert!(err.is_determinate());
+        assert!(err.to_string().contains("not-a-dir"), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), b"x", "durable state unchanged");
+    }
+}
