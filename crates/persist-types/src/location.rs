@@ -96,8 +96,10 @@ fn is_secret_param(name: &str) -> bool {
 /// info and the whole query are replaced.
 pub fn redact_uri(uri: &str) -> String {
     match Url::parse(uri) {
-        Ok(url) => redact_url(url),
-        Err(_) => redact_unparsed(uri),
+        // A URI without an authority (`user:secret@host` parses as scheme
+        // `user`) has no structure to trust: mask it like an unparsed one.
+        Ok(url) if !url.cannot_be_a_base() => redact_url(url),
+        _ => redact_unparsed(uri),
     }
 }
 

@@ -151,13 +151,13 @@ pub(crate) fn validate_cas(
     expected: Option<SeqNo>,
     new: &VersionedData,
 ) -> Result<(), ExternalError> {
-    if let Some(expected) = expected {
-        if new.seqno <= expected {
-            return Err(ExternalError::determinate(format!(
-                "invalid compare_and_set: new seqno {} must be greater than expected {expected}",
-                new.seqno
-            )));
-        }
+    if let Some(expected) = expected
+        && new.seqno <= expected
+    {
+        return Err(ExternalError::determinate(format!(
+            "invalid compare_and_set: new seqno {} must be greater than expected {expected}",
+            new.seqno
+        )));
     }
     if new.seqno > SeqNo::MAX {
         return Err(ExternalError::determinate(format!(

@@ -35,6 +35,9 @@ use crate::cfg::OpenError;
 use crate::error::ExternalError;
 use crate::location::{Blob, BlobMetadata};
 
+/// The user-metadata key under which a multipart upload records its token.
+const UPLOAD_TOKEN: &str = "persist-upload";
+
 /// The region used when neither the URI nor `AWS_REGION` names one.
 const DEFAULT_REGION: &str = "us-east-1";
 
@@ -133,7 +136,9 @@ impl S3BlobConfig {
         })
     }
 
-    pub(crate) fn client(&self) -> Client {
+    /// Builds the SDK client this configuration describes (the one an
+    /// [`S3Blob`] uses), e.g. to create the bucket in tests and tools.
+    pub fn client(&self) -> Client {
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(Duration::from_secs(60))
@@ -203,11 +208,15 @@ impl S3Blob {
 
     async fn put_multipart(&self, object: &str, value: Bytes) -> Result<(), ExternalError> {
         let context = format!("upload {object}");
+        // Identifies this upload in the object's metadata, so a completion
+        // whose response was lost or unparseable can be confirmed.
+        let token = uuid::Uuid::new_v4().simple().to_string();
         let created = self
             .client
             .create_multipart_upload()
             .bucket(&self.cfg.bucket)
             .key(object)
+            .metadata(UPLOAD_TOKEN, &token)
             .send()
             .await
             .map_err(|e| sdk_error(&context, e))?;
@@ -217,38 +226,71 @@ impl S3Blob {
                 ExternalError::determinate(format!("{context}: server returned no upload id"))
             })?
             .to_owned();
-        match self.upload_parts(object, &upload_id, value).await {
-            Ok(parts) => {
-                let completed = self
-                    .client
-                    .complete_multipart_upload()
-                    .bucket(&self.cfg.bucket)
-                    .key(object)
-                    .upload_id(&upload_id)
-                    .multipart_upload(
-                        CompletedMultipartUpload::builder()
-                            .set_parts(Some(parts))
-                            .build(),
-                    )
-                    .send()
-                    .await;
-                completed.map(|_| ()).map_err(|e| sdk_error(&context, e))
-            }
+        let parts = match self.upload_parts(object, &upload_id, value).await {
+            Ok(parts) => parts,
             Err(err) => {
-                // The object never became visible; release the parts.
-                let aborted = self
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&self.cfg.bucket)
-                    .key(object)
-                    .upload_id(&upload_id)
-                    .send()
-                    .await;
-                if let Err(abort) = aborted {
-                    tracing::warn!(object, error = %DisplayErrorContext(&abort), "failed to abort multipart upload");
-                }
-                Err(ExternalError::determinate(err.message().to_owned()))
+                self.abort_upload(object, &upload_id).await;
+                return Err(err);
             }
+        };
+        let completed = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(object)
+            .upload_id(&upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await;
+        match completed {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                let err = sdk_error(&context, err);
+                if self.uploaded_by(object, &token).await {
+                    tracing::debug!(object, error = %err, "multipart completion confirmed despite error");
+                    return Ok(());
+                }
+                self.abort_upload(object, &upload_id).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Whether `object` currently holds the value of the upload `token`.
+    async fn uploaded_by(&self, object: &str, token: &str) -> bool {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.cfg.bucket)
+            .key(object)
+            .send()
+            .await
+        {
+            Ok(out) => out
+                .metadata()
+                .and_then(|m| m.get(UPLOAD_TOKEN))
+                .is_some_and(|t| t == token),
+            Err(_) => false,
+        }
+    }
+
+    /// Releases the parts of an upload that will not complete (best effort;
+    /// a bucket lifecycle rule cleans up what this misses).
+    async fn abort_upload(&self, object: &str, upload_id: &str) {
+        let aborted = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(object)
+            .upload_id(upload_id)
+            .send()
+            .await;
+        if let Err(abort) = aborted {
+            tracing::warn!(object, error = %DisplayErrorContext(&abort), "failed to abort multipart upload");
         }
     }
 
@@ -348,13 +390,13 @@ impl Blob for S3Blob {
                 ))
             })?
             .into_bytes();
-        if let Some(expected) = expected {
-            if u64::try_from(expected).ok() != Some(value.len() as u64) {
-                return Err(ExternalError::determinate(format!(
-                    "{context}: truncated value: expected {expected} bytes, received {}",
-                    value.len()
-                )));
-            }
+        if let Some(expected) = expected
+            && u64::try_from(expected).ok() != Some(value.len() as u64)
+        {
+            return Err(ExternalError::determinate(format!(
+                "{context}: truncated value: expected {expected} bytes, received {}",
+                value.len()
+            )));
         }
         Ok(Some(value))
     }

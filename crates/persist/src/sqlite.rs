@@ -312,9 +312,10 @@ mod tests {
             [],
         )
         .unwrap();
+        let err = consensus.head("j").await.unwrap_err();
         assert!(
-            consensus.head("j").await.is_ok(),
-            "sqlite text converts to bytes"
+            err.to_string().contains("read consensus entry of j"),
+            "{err}"
         );
         raw.execute("INSERT INTO consensus VALUES ('i', 1, 3.5)", [])
             .unwrap();
