@@ -27,6 +27,7 @@ use persist::mem::{MemBlob, MemConsensus};
 use persist::postgres::PostgresConsensus;
 use persist::s3::{S3Blob, S3BlobConfig};
 use persist::sqlite::SqliteConsensus;
+use persist::testing;
 use persist::{Blob, CaSResult, Consensus, SeqNo, VersionedData};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
@@ -272,18 +273,6 @@ async fn bench_consensus(
     Ok(())
 }
 
-async fn postgres_bench_database(base: &str) -> Result<String> {
-    let (client, connection) = tokio_postgres::connect(base, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    let name = format!("persist_bench_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let mut url = url::Url::parse(base)?;
-    url.set_path(&format!("/{name}"));
-    Ok(url.to_string())
-}
-
 async fn run() -> Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("persist-bench")
@@ -303,24 +292,13 @@ async fn run() -> Result<()> {
         &raw_dir,
     )
     .await?;
-    match std::env::var("PERSIST_TEST_S3_ENDPOINT") {
-        Ok(endpoint) => {
-            let mut cfg =
-                S3BlobConfig::from_uri(&format!("s3://persist-bench/run?endpoint={endpoint}"))?;
-            cfg.region = "us-east-1".to_owned();
-            // The bench owns this bucket on the local test server; it may
-            // exist from an earlier run.
-            let _ = cfg
-                .client()
-                .create_bucket()
-                .bucket(&cfg.bucket)
-                .send()
-                .await;
-            bench_blob("s3", Arc::new(S3Blob::open(cfg).await?), &raw_dir).await?;
+    // The test servers' helpers skip (or, under CI=true, fail) without them.
+    match testing::s3_prefix().await {
+        Some(uri) => {
+            let blob = S3Blob::open(S3BlobConfig::from_uri(&uri)?).await?;
+            bench_blob("s3", Arc::new(blob), &raw_dir).await?;
         }
-        Err(_) => {
-            println!("blob s3: skipped (PERSIST_TEST_S3_ENDPOINT not set; use `cargo xtask bench`)")
-        }
+        None => println!("blob s3: skipped (no S3 server; use `cargo xtask bench`)"),
     }
 
     bench_consensus("mem", Arc::new(MemConsensus::new()), NoBaseline, false).await?;
@@ -332,9 +310,8 @@ async fn run() -> Result<()> {
     raw.execute_batch("CREATE TABLE raw_cas (shard TEXT, seqno INTEGER, data BLOB, PRIMARY KEY (shard, seqno)) WITHOUT ROWID")?;
     bench_consensus("sqlite", Arc::new(sqlite), RawSqlite(raw), true).await?;
 
-    match std::env::var("PERSIST_TEST_POSTGRES_URL") {
-        Ok(base) => {
-            let uri = postgres_bench_database(&base).await?;
+    match testing::postgres_database().await {
+        Some(uri) => {
             let consensus = PostgresConsensus::open(&uri).await?;
             let (client, connection) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await?;
             tokio::spawn(connection);
@@ -349,9 +326,9 @@ async fn run() -> Result<()> {
             )
             .await?;
         }
-        Err(_) => println!(
-            "consensus postgres: skipped (PERSIST_TEST_POSTGRES_URL not set; use `cargo xtask bench`)"
-        ),
+        None => {
+            println!("consensus postgres: skipped (no PostgreSQL server; use `cargo xtask bench`)")
+        }
     }
     Ok(())
 }

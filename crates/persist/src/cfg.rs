@@ -54,13 +54,12 @@ pub enum OpenError {
     },
     /// The backend was reachable in principle but opening it failed: the
     /// server is down, the file is not a database, permissions, ...
-    #[error("could not open {uri}: {source}")]
+    #[error("could not open {uri}: {cause}")]
     Unavailable {
         /// The URI, secrets masked.
         uri: String,
         /// The underlying failure.
-        #[source]
-        source: ExternalError,
+        cause: ExternalError,
     },
 }
 
@@ -109,9 +108,9 @@ fn mem_only(uri: &str, url: &Url) -> Result<(), OpenError> {
 }
 
 fn unavailable(uri: &str) -> impl FnOnce(ExternalError) -> OpenError + '_ {
-    move |source| OpenError::Unavailable {
+    move |cause| OpenError::Unavailable {
         uri: redact_uri(uri),
-        source,
+        cause,
     }
 }
 

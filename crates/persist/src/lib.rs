@@ -37,8 +37,8 @@ pub mod unreliable;
 
 #[cfg(test)]
 mod conformance;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use cfg::{OpenError, open_blob, open_consensus};
 pub use error::{Determinate, ExternalError, Indeterminate};

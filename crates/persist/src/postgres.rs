@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
@@ -129,21 +129,19 @@ impl PostgresConsensus {
         consensus
             .create_schema()
             .await
-            .map_err(|source| OpenError::Unavailable {
+            .map_err(|cause| OpenError::Unavailable {
                 uri: display,
-                source,
+                cause,
             })?;
         Ok(consensus)
     }
 
     async fn conn(&self) -> Result<Object, ExternalError> {
-        self.pool.get().await.map_err(|e| match e {
-            // Nothing was sent over a connection we could not get.
-            PoolError::Backend(e) => {
-                ExternalError::determinate(chain(&format!("connect to {}", self.display), &e))
-            }
-            e => ExternalError::determinate(chain(&format!("connect to {}", self.display), &e)),
-        })
+        // Nothing was sent over a connection we could not get.
+        self.pool
+            .get()
+            .await
+            .map_err(|e| ExternalError::determinate(chain("connect", &e)))
     }
 
     async fn create_schema(&self) -> Result<(), ExternalError> {
@@ -349,7 +347,7 @@ mod tests {
                 .unwrap_err();
         let message = err.to_string();
         assert!(
-            matches!(err, OpenError::Unavailable { ref source, .. } if source.is_determinate()),
+            matches!(err, OpenError::Unavailable { ref cause, .. } if cause.is_determinate()),
             "{message}"
         );
         assert!(message.contains("127.0.0.1:1"), "{message}");

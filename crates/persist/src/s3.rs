@@ -192,7 +192,7 @@ impl S3Blob {
             }
             Err(e) => Err(OpenError::Unavailable {
                 uri,
-                source: sdk_error(&format!("check bucket {:?}", cfg.bucket), e),
+                cause: sdk_error(&format!("check bucket {:?}", cfg.bucket), e),
             }),
         }
     }

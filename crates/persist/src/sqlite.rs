@@ -86,6 +86,9 @@ fn open_connection(path: &Path) -> Result<Connection, ExternalError> {
             .map_err(|e| ExternalError::determinate(chain(&context, &e)))?;
     }
     let conn = Connection::open(path).map_err(|e| sql_error(&context, e))?;
+    // Before anything that locks: other processes may be opening it too.
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| sql_error(&context, e))?;
     // The first statement reads the header: a file that is not a database is
     // rejected here, before anything writes to it.
     let mode: String = conn
@@ -97,8 +100,6 @@ fn open_connection(path: &Path) -> Result<Connection, ExternalError> {
         )));
     }
     conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(|e| sql_error(&context, e))?;
-    conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| sql_error(&context, e))?;
     conn.execute_batch(SCHEMA)
         .map_err(|e| sql_error(&context, e))?;

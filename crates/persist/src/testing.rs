@@ -1,9 +1,13 @@
-//! Finding the real servers the PostgreSQL and S3 tests run against.
+//! Finding the real servers the PostgreSQL and S3 tests run against
+//! (available with the `testing` feature).
 //!
 //! `cargo xtask services up` starts them and writes their addresses to
 //! `.services.env` at the workspace root; `cargo xtask test` also exports
 //! them. A test whose server is not configured is skipped with a message,
 //! except under `CI=true`, where it fails: CI must never pass by skipping.
+
+// Skips are announced on stderr, where the test harness shows them.
+#![allow(clippy::print_stderr)]
 
 use std::path::Path;
 
@@ -16,7 +20,7 @@ const TEST_BUCKET: &str = "persist-test";
 
 /// Returns the service setting `name`, from the environment or from the
 /// `.services.env` file written by `cargo xtask services up`.
-pub(crate) fn service_var(name: &str) -> Option<String> {
+pub fn service_var(name: &str) -> Option<String> {
     if let Some(value) = std::env::var(name).ok().filter(|v| !v.is_empty()) {
         return Some(value);
     }
@@ -35,7 +39,7 @@ fn under_ci() -> bool {
 
 /// Returns the setting, or `None` (after saying so) when it is missing
 /// outside CI. Panics when it is missing under CI.
-fn require(name: &str, server: &str) -> Option<String> {
+pub fn require(name: &str, server: &str) -> Option<String> {
     match service_var(name) {
         Some(value) => Some(value),
         None if under_ci() => panic!(
@@ -52,8 +56,10 @@ fn require(name: &str, server: &str) -> Option<String> {
 }
 
 /// Creates a new, empty database on the test PostgreSQL server and returns
-/// its URI.
-pub(crate) async fn postgres_database() -> Option<String> {
+/// its URI; `None` if no server is configured (see [`require`]).
+///
+/// Panics if the server is configured but unusable: this is test setup.
+pub async fn postgres_database() -> Option<String> {
     let base = require("PERSIST_TEST_POSTGRES_URL", "PostgreSQL")?;
     let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
         .await
@@ -63,15 +69,18 @@ pub(crate) async fn postgres_database() -> Option<String> {
     client
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
-        .unwrap();
-    let mut url = Url::parse(&base).unwrap();
+        .unwrap_or_else(|e| panic!("cannot create a test database at {base}: {e}"));
+    let mut url = Url::parse(&base).expect("the test server URL parsed once already");
     url.set_path(&format!("/{name}"));
     Some(url.to_string())
 }
 
 /// Returns an `s3://` URI for a fresh prefix in the test bucket on the test
-/// S3 server, creating the bucket if needed.
-pub(crate) async fn s3_prefix() -> Option<String> {
+/// S3 server, creating the bucket if needed; `None` if no server is
+/// configured (see [`require`]).
+///
+/// Panics if the server is configured but unusable: this is test setup.
+pub async fn s3_prefix() -> Option<String> {
     let endpoint = require("PERSIST_TEST_S3_ENDPOINT", "S3")?;
     let key_id = service_var("AWS_ACCESS_KEY_ID").unwrap_or_else(|| "persist-test".to_owned());
     let secret = service_var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|| "persist-test".to_owned());
@@ -85,7 +94,9 @@ pub(crate) async fn s3_prefix() -> Option<String> {
         "s3://{TEST_BUCKET}/{}?{query}",
         uuid::Uuid::new_v4().simple()
     );
-    let client = S3BlobConfig::from_uri(&uri).unwrap().client();
+    let client = S3BlobConfig::from_uri(&uri)
+        .expect("a well-formed test URI")
+        .client();
     if let Err(err) = client.create_bucket().bucket(TEST_BUCKET).send().await {
         let exists = err
             .as_service_error()
