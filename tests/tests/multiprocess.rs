@@ -1,6 +1,9 @@
 //! Several processes on one shard's storage: compare-and-set races, a writer
 //! killed mid-flight, and concurrent blob writers.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::process::{Child, Command};
 use std::time::Duration;

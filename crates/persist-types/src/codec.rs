@@ -244,6 +244,17 @@ macro_rules! int_codecs {
 int_codecs!(u64, "u64");
 int_codecs!(i64, "i64");
 
+/// The schema of [`String`] keys or values.
+pub type StringSchema = SimpleSchema<String>;
+/// The schema of [`Vec<u8>`] keys or values.
+pub type VecU8Schema = SimpleSchema<Vec<u8>>;
+/// The schema of `()` keys or values.
+pub type UnitSchema = SimpleSchema<()>;
+/// The schema of [`u64`] keys or values.
+pub type U64Schema = SimpleSchema<u64>;
+/// The schema of [`i64`] keys or values.
+pub type I64Schema = SimpleSchema<i64>;
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

@@ -14,6 +14,9 @@ mod codec;
 mod location;
 mod shard_id;
 
-pub use codec::{Codec, Codec64, CodecError, Opaque, Schema, SimpleSchema};
+pub use codec::{
+    Codec, Codec64, CodecError, I64Schema, Opaque, Schema, SimpleSchema, StringSchema, U64Schema,
+    UnitSchema, VecU8Schema,
+};
 pub use location::{PersistLocation, redact_uri};
 pub use shard_id::{ShardId, ShardIdParseError};
