@@ -170,8 +170,13 @@ async fn blob_writers_across_processes(uri: &str) {
         })
         .collect();
     let blob = open_blob(uri).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut reads = 0;
     while reads < 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writers never produced a value"
+        );
         if let Some(value) = blob.get("shared").await.unwrap() {
             assert_eq!(value.len(), LEN);
             assert!(

@@ -39,11 +39,13 @@ impl PersistLocation {
     /// `dir` should be absolute; a relative one is interpreted relative to the
     /// working directory of the process that opens the location.
     pub fn embedded(dir: &Path) -> Self {
-        let dir = dir.display();
-        PersistLocation::new(
-            format!("file://{dir}/blob"),
-            format!("sqlite://{dir}/consensus.db"),
-        )
+        // Percent-encode the path so that any directory name round-trips.
+        let url = |file: &str| match Url::from_file_path(dir.join(file)) {
+            Ok(url) => url.to_string(),
+            Err(()) => format!("file://{}", dir.join(file).display()),
+        };
+        let consensus = url("consensus.db").replacen("file://", "sqlite://", 1);
+        PersistLocation::new(url("blob"), consensus)
     }
 
     /// Returns a location whose blob and consensus live in this process's
@@ -127,19 +129,27 @@ fn redact_url(mut url: Url) -> String {
 }
 
 fn redact_unparsed(uri: &str) -> String {
+    // libpq-style key-value strings: `host=h user=u password=secret`.
+    if !uri.contains("://") && uri.contains('=') {
+        return uri
+            .split_whitespace()
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if is_secret_param(key) => format!("{key}={MASK}"),
+                _ => pair.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
     let (without_query, had_query) = match uri.split_once('?') {
         Some((head, _)) => (head, true),
         None => (uri, false),
     };
     let mut out = match without_query.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            let (authority, path) = rest.split_at(authority_end);
-            match authority.rfind('@') {
-                Some(at) => format!("{scheme}://{MASK}@{}{path}", &authority[at + 1..]),
-                None => format!("{scheme}://{rest}"),
-            }
-        }
+        // The user info ends at the last `@`: a password may contain `/`.
+        Some((scheme, rest)) => match rest.rfind('@') {
+            Some(at) => format!("{scheme}://{MASK}@{}", &rest[at + 1..]),
+            None => format!("{scheme}://{rest}"),
+        },
         None if without_query.contains('@') => MASK.to_owned(),
         None => without_query.to_owned(),
     };
@@ -183,6 +193,14 @@ mod tests {
     }
 
     #[test]
+    fn key_value_connection_strings_are_masked() {
+        let redacted = redact_uri("host=db user=alice password=hunter2 dbname=persist");
+        assert_eq!(redacted, "host=db user=alice password=**** dbname=persist");
+        let redacted = redact_uri("postgres://u:pa/ss@host/db");
+        assert!(!redacted.contains("pa/ss"), "{redacted}");
+    }
+
+    #[test]
     fn unparseable_uris_are_masked_conservatively() {
         let redacted = redact_uri("postgres://bob:pa ss@[bad/db?password=x");
         assert!(!redacted.contains("pa ss"), "{redacted}");
@@ -210,6 +228,13 @@ mod tests {
         let loc = PersistLocation::embedded(Path::new("/data/persist"));
         assert_eq!(loc.blob_uri, "file:///data/persist/blob");
         assert_eq!(loc.consensus_uri, "sqlite:///data/persist/consensus.db");
+        let odd = PersistLocation::embedded(Path::new("/data/50% off #1"));
+        assert_eq!(odd.blob_uri, "file:///data/50%25%20off%20%231/blob");
+        let url = Url::parse(&odd.blob_uri).unwrap();
+        assert_eq!(
+            url.to_file_path().unwrap(),
+            Path::new("/data/50% off #1/blob")
+        );
     }
 
     proptest! {

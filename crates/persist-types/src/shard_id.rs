@@ -80,7 +80,15 @@ impl FromStr for ShardId {
             input: s.to_owned(),
             reason: err.to_string(),
         })?;
-        Ok(ShardId(*uuid.as_bytes()))
+        let id = ShardId(*uuid.as_bytes());
+        // One name per shard: only the canonical lowercase hyphenated form.
+        if id.to_string() != s {
+            return Err(ShardIdParseError::InvalidUuid {
+                input: s.to_owned(),
+                reason: "not in canonical form (lowercase, hyphenated)".to_owned(),
+            });
+        }
+        Ok(id)
     }
 }
 
@@ -160,6 +168,17 @@ mod tests {
         assert!("s".parse::<ShardId>().is_err());
         assert!(format!("x{uuid}").parse::<ShardId>().is_err());
         assert!(format!("s{uuid}0").parse::<ShardId>().is_err());
+        assert!(
+            format!("s{}", uuid.to_uppercase())
+                .parse::<ShardId>()
+                .is_err()
+        );
+        assert!(
+            format!("s{}", uuid.replace('-', ""))
+                .parse::<ShardId>()
+                .is_err()
+        );
+        assert!(format!("s{{{uuid}}}").parse::<ShardId>().is_err());
 
         let err = serde_json::from_str::<ShardId>("\"nope\"").unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");

@@ -31,6 +31,7 @@ macro_rules! blob_conformance_tests {
                 blob,
                 open,
                 get_set_delete,
+                unusual_keys,
                 overwrite,
                 empty_and_large_values,
                 prefix_listing,
@@ -63,6 +64,7 @@ macro_rules! consensus_conformance_tests {
                 invalid_compare_and_set,
                 list_keys,
                 cas_race,
+                truncate_races_with_cas,
                 matches_model
             );
         }
@@ -159,6 +161,36 @@ pub(crate) mod blob {
             "delete is idempotent"
         );
         assert_eq!(list(&*blob, "").await, vec![]);
+    }
+
+    pub(crate) async fn unusual_keys(blob: Arc<dyn Blob>) {
+        let keys = [
+            "a b",
+            "100%",
+            "ü/ñ/語",
+            "..",
+            "a/../b",
+            ".hidden",
+            "trailing/",
+            "x".repeat(200).leak() as &str,
+        ];
+        for key in keys {
+            blob.set(key, bytes(key)).await.unwrap();
+        }
+        for key in keys {
+            assert_eq!(blob.get(key).await.unwrap(), Some(bytes(key)), "{key}");
+        }
+        let mut listed: Vec<String> = list(&*blob, "").await.into_iter().map(|m| m.key).collect();
+        let mut expected: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        expected.sort();
+        listed.sort();
+        assert_eq!(listed, expected);
+        let err = blob.set("", bytes("x")).await.unwrap_err();
+        assert!(err.is_determinate(), "{err}");
+        assert!(blob.get("").await.is_err());
+        for key in keys {
+            assert_eq!(blob.delete(key).await.unwrap(), Some(key.len()), "{key}");
+        }
     }
 
     pub(crate) async fn overwrite(blob: Arc<dyn Blob>) {
@@ -577,6 +609,64 @@ pub(crate) mod consensus {
         assert_eq!(seqnos, (0..(TASKS * WINS) as u64).collect::<Vec<_>>());
         let wins: BTreeSet<Bytes> = log.into_iter().map(|e| e.data).collect();
         assert_eq!(wins.len(), TASKS * WINS, "no win lost or duplicated");
+    }
+
+    /// Writers extend a log while another task truncates it to its head.
+    /// Every truncate that succeeds has removed everything below its seqno,
+    /// and the log stays gapless from its tail to its head.
+    pub(crate) async fn truncate_races_with_cas(c: Arc<dyn Consensus>) {
+        const WRITERS: usize = 4;
+        const WINS: usize = 10;
+        c.compare_and_set("t", None, entry(0, "start"))
+            .await
+            .unwrap();
+        let mut writers = tokio::task::JoinSet::new();
+        for task in 0..WRITERS {
+            let c = Arc::clone(&c);
+            writers.spawn(async move {
+                let mut wins = 0;
+                let mut head = c.head("t").await.unwrap().map(|h| h.seqno);
+                while wins < WINS {
+                    // Jump ahead by varying amounts.
+                    let new = head.map_or(SeqNo(0), |h| SeqNo(h.0 + 1 + (task as u64 % 3)));
+                    let data = bytes(&format!("{task}/{wins}"));
+                    match c
+                        .compare_and_set("t", head, VersionedData { seqno: new, data })
+                        .await
+                        .unwrap()
+                    {
+                        CaSResult::Committed => {
+                            wins += 1;
+                            head = Some(new);
+                        }
+                        CaSResult::ExpectationMismatch(current) => head = current.map(|c| c.seqno),
+                    }
+                }
+            });
+        }
+        let truncator = {
+            let c = Arc::clone(&c);
+            tokio::spawn(async move {
+                for _ in 0..30 {
+                    let head = c.head("t").await.unwrap().expect("never empty").seqno;
+                    c.truncate("t", head).await.unwrap();
+                    let tail = c.scan("t", SeqNo(0), 1).await.unwrap();
+                    assert!(
+                        tail[0].seqno >= head,
+                        "entries below {head} survived a truncate"
+                    );
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        while let Some(joined) = writers.join_next().await {
+            joined.unwrap();
+        }
+        truncator.await.unwrap();
+        let log = c.scan("t", SeqNo(0), usize::MAX).await.unwrap();
+        let head = c.head("t").await.unwrap().unwrap();
+        assert_eq!(log.last(), Some(&head));
+        assert!(log.windows(2).all(|w| w[0].seqno < w[1].seqno));
     }
 
     #[derive(Clone, Debug)]

@@ -5,18 +5,34 @@
 //! `set` writes a temporary file (named with a leading `.`, which no encoded
 //! key has), fsyncs it, renames it over the key's file and fsyncs the
 //! directory, so a value is either wholly there or not at all, even after a
-//! crash. Leftover temporary files from a crash are ignored by every read.
+//! crash. Leftover temporary files from a crash are ignored by every read
+//! and removed by the next [`FileBlob::open`] once they are an hour old.
+//!
+//! Keys are limited by the file system's name length (255 bytes for the
+//! escaped name: about 250 plain characters, fewer with escapes); a longer
+//! key gets a determinate error. Deletes are not fsynced: after a crash a
+//! deleted value may reappear, and garbage collection deletes it again.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::{ExternalError, chain};
-use crate::location::{Blob, BlobMetadata};
+use crate::location::{Blob, BlobMetadata, validate_blob_key};
+
+/// The longest file name the common local file systems accept.
+const MAX_NAME_BYTES: usize = 255;
+
+/// Temporary files older than this are left over from a crash.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+
+/// The prefix of temporary files (no encoded key starts with `.`).
+const TEMP_PREFIX: &str = ".tmp-";
 
 /// A [`Blob`] stored as files in one local directory.
 #[derive(Clone, Debug)]
@@ -32,16 +48,23 @@ impl FileBlob {
         let root = root.into();
         let dir = root.clone();
         blocking(move || {
-            fs::create_dir_all(&dir)
-                .map_err(|e| io_error(&format!("create blob directory {}", dir.display()), e))?;
-            let meta = fs::metadata(&dir)
-                .map_err(|e| io_error(&format!("open blob directory {}", dir.display()), e))?;
+            let context = |what: &str| format!("{what} blob directory {}", dir.display());
+            let existed = dir.exists();
+            fs::create_dir_all(&dir).map_err(|e| io_error(&context("create"), e))?;
+            let meta = fs::metadata(&dir).map_err(|e| io_error(&context("open"), e))?;
             if !meta.is_dir() {
                 return Err(ExternalError::determinate(format!(
                     "{} is not a directory",
                     dir.display()
                 )));
             }
+            if !existed {
+                // The new directory's entry is only durable once its parent is.
+                if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    sync_dir(parent).map_err(|e| io_error(&context("sync parent of"), e))?;
+                }
+            }
+            remove_stale_temporaries(&dir);
             Ok(())
         })
         .await?;
@@ -55,8 +78,17 @@ impl FileBlob {
         &self.root
     }
 
-    fn path_of(&self, key: &str) -> PathBuf {
-        self.root.join(encode_key(key))
+    /// The file holding `key`, or an error if no file can hold it.
+    fn path_of(&self, key: &str) -> Result<PathBuf, ExternalError> {
+        validate_blob_key(key)?;
+        let name = encode_key(key);
+        if name.len() > MAX_NAME_BYTES {
+            return Err(ExternalError::determinate(format!(
+                "blob key too long for a file blob: {} bytes escaped, at most {MAX_NAME_BYTES}",
+                name.len()
+            )));
+        }
+        Ok(self.root.join(name))
     }
 }
 
@@ -122,7 +154,7 @@ fn decode_key(name: &str) -> Option<String> {
 #[async_trait]
 impl Blob for FileBlob {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ExternalError> {
-        let path = self.path_of(key);
+        let path = self.path_of(key)?;
         let key = key.to_owned();
         blocking(move || match fs::read(&path) {
             Ok(value) => Ok(Some(Bytes::from(value))),
@@ -171,7 +203,7 @@ impl Blob for FileBlob {
 
     async fn set(&self, key: &str, value: Bytes) -> Result<(), ExternalError> {
         let root = Arc::clone(&self.root);
-        let path = self.path_of(key);
+        let path = self.path_of(key)?;
         let key = key.to_owned();
         blocking(move || {
             write_atomically(&root, &path, &value).map_err(|(applied, e)| {
@@ -187,7 +219,7 @@ impl Blob for FileBlob {
     }
 
     async fn delete(&self, key: &str) -> Result<Option<usize>, ExternalError> {
-        let path = self.path_of(key);
+        let path = self.path_of(key)?;
         let key = key.to_owned();
         blocking(move || {
             let size = match fs::metadata(&path) {
@@ -206,12 +238,45 @@ impl Blob for FileBlob {
     }
 }
 
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Removes temporary files a crashed writer left behind (best effort: a
+/// failure here only leaves garbage).
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let is_temp = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if is_temp && age.is_some_and(|age| age > STALE_TEMP_AGE) {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(path = %entry.path().display(), "removed stale temporary blob file")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove stale temporary file")
+                }
+            }
+        }
+    }
+}
+
 /// Writes `value` to `path` through a temporary file in `root` so that the
 /// file appears whole or not at all, and is durable when this returns.
 ///
 /// On error, also says whether the new value may already be visible.
 fn write_atomically(root: &Path, path: &Path, value: &[u8]) -> Result<(), (bool, io::Error)> {
-    let tmp = root.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+    let tmp = root.join(format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4().simple()));
     let written = (|| {
         let mut file = File::create(&tmp)?;
         file.write_all(value)?;
@@ -297,6 +362,46 @@ mod tests {
                 size_in_bytes: 8
             }]
         );
+    }
+
+    #[tokio::test]
+    async fn unusable_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = FileBlob::open(dir.path()).await.unwrap();
+        let err = blob.set("", Bytes::new()).await.unwrap_err();
+        assert!(
+            err.is_determinate() && err.to_string().contains("must not be empty"),
+            "{err}"
+        );
+        assert!(blob.get("").await.is_err());
+        let long = "/".repeat(100);
+        let err = blob.set(&long, Bytes::new()).await.unwrap_err();
+        assert!(err.to_string().contains("too long"), "{err}");
+        let fits = "k".repeat(MAX_NAME_BYTES);
+        blob.set(&fits, Bytes::from_static(b"v")).await.unwrap();
+        assert_eq!(
+            blob.get(&fits).await.unwrap(),
+            Some(Bytes::from_static(b"v"))
+        );
+    }
+
+    #[tokio::test]
+    async fn stale_temporaries_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(format!("{TEMP_PREFIX}stale"));
+        let fresh = dir.path().join(format!("{TEMP_PREFIX}fresh"));
+        fs::write(&stale, b"x").unwrap();
+        fs::write(&fresh, b"x").unwrap();
+        let old = std::time::SystemTime::now() - 2 * STALE_TEMP_AGE;
+        File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        FileBlob::open(dir.path()).await.unwrap();
+        assert!(!stale.exists(), "a crashed writer's leftover is removed");
+        assert!(fresh.exists(), "a concurrent writer's file is left alone");
     }
 
     #[tokio::test]

@@ -62,6 +62,9 @@ pub enum CaSResult {
 /// [`Consensus::compare_and_set`], and only shrinks at its tail, through
 /// [`Consensus::truncate`]. Every method may be called concurrently from many
 /// tasks and processes.
+///
+/// Dropping an unfinished future is like an indeterminate error: the
+/// operation may or may not take effect.
 #[async_trait]
 pub trait Consensus: fmt::Debug + Send + Sync {
     /// Returns the latest entry of `key`, or `None` if it has none.
@@ -119,6 +122,13 @@ pub struct BlobMetadata {
 /// Values are written and read atomically: a reader sees either a whole value
 /// written by one `set` or none. There is no ordering between keys. Every
 /// method may be called concurrently from many tasks and processes.
+///
+/// Keys are non-empty strings; an empty key is rejected with a determinate
+/// error. Backends may limit key length (see each backend).
+///
+/// Dropping an unfinished future is like an indeterminate error: the
+/// operation may or may not take effect (blocking work already handed to a
+/// thread runs to completion).
 #[async_trait]
 pub trait Blob: fmt::Debug + Send + Sync {
     /// Returns the value of `key`, or `None` if it has none.
@@ -143,6 +153,16 @@ pub trait Blob: fmt::Debug + Send + Sync {
     /// Deletes `key`, returning the size of the value it had, or `None` if it
     /// had none. Idempotent: deleting a missing key succeeds.
     async fn delete(&self, key: &str) -> Result<Option<usize>, ExternalError>;
+}
+
+/// Rejects the keys no [`Blob`] accepts.
+pub(crate) fn validate_blob_key(key: &str) -> Result<(), ExternalError> {
+    if key.is_empty() {
+        return Err(ExternalError::determinate(
+            "invalid blob key: keys must not be empty",
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the arguments of a [`Consensus::compare_and_set`] that every

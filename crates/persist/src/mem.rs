@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::ExternalError;
+use crate::location::validate_blob_key;
 use crate::location::{
     Blob, BlobMetadata, CaSResult, Consensus, SeqNo, VersionedData, truncate_past_head,
     validate_cas,
@@ -36,6 +37,7 @@ impl MemBlob {
 #[async_trait]
 impl Blob for MemBlob {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ExternalError> {
+        validate_blob_key(key)?;
         Ok(lock(&self.values).get(key).cloned())
     }
 
@@ -57,11 +59,13 @@ impl Blob for MemBlob {
     }
 
     async fn set(&self, key: &str, value: Bytes) -> Result<(), ExternalError> {
+        validate_blob_key(key)?;
         lock(&self.values).insert(key.to_owned(), value);
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<Option<usize>, ExternalError> {
+        validate_blob_key(key)?;
         Ok(lock(&self.values).remove(key).map(|value| value.len()))
     }
 }

@@ -68,12 +68,20 @@ const HEAD: &str = "SELECT seqno, data FROM consensus WHERE shard = $1 ORDER BY 
 const SCAN: &str = "SELECT seqno, data FROM consensus WHERE shard = $1 AND seqno >= $2 \
                     ORDER BY seqno ASC LIMIT $3";
 
-const TRUNCATE: &str = "DELETE FROM consensus WHERE shard = $1 AND seqno < $2 \
-                        AND $2 <= (SELECT seqno FROM consensus_heads WHERE shard = $1)";
+/// Deletes below `$2` only if `$2` is not past the head, and returns the
+/// head it checked against and the count, all from one snapshot (so a
+/// concurrent compare-and-set cannot make a refused truncate look like a
+/// successful one).
+const TRUNCATE: &str = "
+WITH head AS (SELECT seqno FROM consensus_heads WHERE shard = $1),
+deleted AS (
+    DELETE FROM consensus WHERE shard = $1 AND seqno < $2 AND $2 <= (SELECT seqno FROM head)
+    RETURNING 1
+)
+SELECT (SELECT seqno FROM head), (SELECT count(*) FROM deleted)";
 
-const HEAD_SEQNO: &str = "SELECT seqno FROM consensus_heads WHERE shard = $1";
-
-const LIST_KEYS: &str = "SELECT shard FROM consensus_heads ORDER BY shard";
+/// Byte order (the `C` collation), whatever the database's locale.
+const LIST_KEYS: &str = "SELECT shard FROM consensus_heads ORDER BY shard COLLATE \"C\"";
 
 /// A [`Consensus`] in a PostgreSQL database, over a pool of connections.
 #[derive(Clone)]
@@ -108,6 +116,12 @@ impl PostgresConsensus {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         }
+        // Notice dead peers (a partitioned server) instead of waiting on
+        // them forever; what was in flight then fails indeterminately.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .tcp_user_timeout(Duration::from_secs(60));
         if config.get_application_name().is_none() {
             config.application_name("persist");
         }
@@ -158,42 +172,51 @@ impl PostgresConsensus {
             .map_err(|e| pg_error("create schema", e))?;
         txn.commit().await.map_err(|e| pg_error("create schema", e))
     }
-
-    async fn head_seqno(&self, conn: &Object, key: &str) -> Result<Option<SeqNo>, ExternalError> {
-        let context = format!("read head of {key}");
-        let stmt = conn
-            .prepare_cached(HEAD_SEQNO)
-            .await
-            .map_err(|e| pg_error(&context, e))?;
-        let row = conn
-            .query_opt(&stmt, &[&key])
-            .await
-            .map_err(|e| pg_error(&context, e))?;
-        row.map(|row| {
-            let seqno: i64 = row.try_get(0).map_err(|e| pg_error(&context, e))?;
-            seqno_from_i64(key, seqno)
-        })
-        .transpose()
-    }
 }
 
-/// Classifies a driver error: an error the server answered with means the
-/// statement failed (and was rolled back); a broken or timed-out connection
-/// means it may or may not have been applied.
+/// SQLSTATE classes and codes after which the statement certainly did not
+/// take effect: the server rejected it before or instead of committing.
+/// Everything else, including shutdown, connection and "completion
+/// unknown" codes (PostgreSQL's 08007, CockroachDB's 40003), may hide a
+/// commit.
+fn rejected_before_commit(code: &SqlState) -> bool {
+    const CLASSES: [&str; 6] = [
+        "22", // data exception
+        "23", // integrity constraint violation
+        "42", // syntax error or access rule violation
+        "0A", // feature not supported
+        "25", // invalid transaction state
+        "28", // invalid authorization
+    ];
+    const CODES: [&SqlState; 4] = [
+        &SqlState::T_R_SERIALIZATION_FAILURE,
+        &SqlState::T_R_DEADLOCK_DETECTED,
+        &SqlState::LOCK_NOT_AVAILABLE,
+        &SqlState::QUERY_CANCELED,
+    ];
+    CLASSES.iter().any(|class| code.code().starts_with(class)) || CODES.contains(&code)
+}
+
+/// Classifies a driver error. Determinate only when the server said it
+/// rejected the statement (see [`rejected_before_commit`]) or when the
+/// driver failed before sending it (encoding parameters); a broken, closed
+/// or timed-out connection, or any other server error, may hide a commit.
 fn pg_error(context: &str, err: tokio_postgres::Error) -> ExternalError {
     let message = chain(context, &err);
-    if err.code().is_some() && err.code() != Some(&SqlState::CONNECTION_FAILURE) {
-        ExternalError::determinate(message)
-    } else if err.is_closed() || err.code().is_some() || err.to_string().contains("timed out") {
-        ExternalError::indeterminate(message)
-    } else {
-        // Encoding, decoding and connection setup errors: nothing committed
-        // on their account... except an I/O error mid-statement, which the
-        // driver reports as closed or as an io source. Be conservative.
-        match std::error::Error::source(&err) {
-            Some(source) if source.is::<std::io::Error>() => ExternalError::indeterminate(message),
-            _ => ExternalError::determinate(message),
+    let determinate = match err.code() {
+        Some(code) => rejected_before_commit(code),
+        None => {
+            !err.is_closed()
+                && std::error::Error::source(&err).is_none_or(|source| {
+                    !source.is::<std::io::Error>() && !source.to_string().contains("timed out")
+                })
+                && !err.to_string().contains("timed out")
         }
+    };
+    if determinate {
+        ExternalError::determinate(message)
+    } else {
+        ExternalError::indeterminate(message)
     }
 }
 
@@ -286,17 +309,15 @@ impl Consensus for PostgresConsensus {
             .prepare_cached(TRUNCATE)
             .await
             .map_err(|e| pg_error(&context, e))?;
-        let deleted = conn
-            .execute(&stmt, &[&key, &seqno_to_i64(seqno.min(SeqNo::MAX))])
+        let row = conn
+            .query_one(&stmt, &[&key, &seqno_to_i64(seqno.min(SeqNo::MAX))])
             .await
             .map_err(|e| pg_error(&context, e))?;
-        if deleted == 0 {
-            // Nothing deleted: either nothing was below `seqno`, or the
-            // truncation was refused because `seqno` is past the head.
-            let head = self.head_seqno(&conn, key).await?;
-            if head.is_none_or(|head| seqno > head) {
-                return Err(truncate_past_head(key, seqno, head));
-            }
+        let head: Option<i64> = row.try_get(0).map_err(|e| pg_error(&context, e))?;
+        let deleted: i64 = row.try_get(1).map_err(|e| pg_error(&context, e))?;
+        let head = head.map(|h| seqno_from_i64(key, h)).transpose()?;
+        if head.is_none_or(|head| seqno > head) {
+            return Err(truncate_past_head(key, seqno, head));
         }
         Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
     }
@@ -336,6 +357,27 @@ mod tests {
             return;
         };
         crate::conformance::consensus_durable_across_reopen(&uri).await;
+    }
+
+    #[test]
+    fn only_rejections_are_determinate() {
+        for code in [
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::SYNTAX_ERROR,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::QUERY_CANCELED,
+            SqlState::INVALID_PASSWORD,
+        ] {
+            assert!(rejected_before_commit(&code), "{code:?}");
+        }
+        for code in [
+            "08007", "40003", "57P01", "57P02", "08006", "XX000", "58030", "53100",
+        ] {
+            assert!(
+                !rejected_before_commit(&SqlState::from_code(code)),
+                "{code}"
+            );
+        }
     }
 
     #[tokio::test]

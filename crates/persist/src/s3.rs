@@ -33,7 +33,7 @@ use url::Url;
 
 use crate::cfg::OpenError;
 use crate::error::ExternalError;
-use crate::location::{Blob, BlobMetadata};
+use crate::location::{Blob, BlobMetadata, validate_blob_key};
 
 /// The user-metadata key under which a multipart upload records its token.
 const UPLOAD_TOKEN: &str = "persist-upload";
@@ -80,7 +80,10 @@ impl S3BlobConfig {
             .host_str()
             .filter(|b| !b.is_empty())
             .ok_or_else(|| invalid("missing bucket name"))?;
-        let mut prefix = url.path().trim_start_matches('/').to_owned();
+        let path = percent_encoding::percent_decode_str(url.path())
+            .decode_utf8()
+            .map_err(|e| invalid(&format!("prefix is not UTF-8: {e}")))?;
+        let mut prefix = path.trim_start_matches('/').to_owned();
         if !prefix.is_empty() && !prefix.ends_with('/') {
             prefix.push('/');
         }
@@ -192,7 +195,7 @@ impl S3Blob {
             }
             Err(e) => Err(OpenError::Unavailable {
                 uri,
-                cause: sdk_error(&format!("check bucket {:?}", cfg.bucket), e),
+                cause: sdk_error(&format!("check bucket {:?}", cfg.bucket), e, Request::Read),
             }),
         }
     }
@@ -202,8 +205,9 @@ impl S3Blob {
         &self.cfg
     }
 
-    fn object_key(&self, key: &str) -> String {
-        format!("{}{key}", self.cfg.prefix)
+    fn object_key(&self, key: &str) -> Result<String, ExternalError> {
+        validate_blob_key(key)?;
+        Ok(format!("{}{key}", self.cfg.prefix))
     }
 
     async fn put_multipart(&self, object: &str, value: Bytes) -> Result<(), ExternalError> {
@@ -219,7 +223,7 @@ impl S3Blob {
             .metadata(UPLOAD_TOKEN, &token)
             .send()
             .await
-            .map_err(|e| sdk_error(&context, e))?;
+            .map_err(|e| sdk_error(&context, e, Request::Write))?;
         let upload_id = created
             .upload_id()
             .ok_or_else(|| {
@@ -249,19 +253,28 @@ impl S3Blob {
         match completed {
             Ok(_) => Ok(()),
             Err(err) => {
-                let err = sdk_error(&context, err);
-                if self.uploaded_by(object, &token).await {
-                    tracing::debug!(object, error = %err, "multipart completion confirmed despite error");
-                    return Ok(());
+                let err = sdk_error(&context, err, Request::Write);
+                match self.uploaded_by(object, &token).await {
+                    Some(true) => {
+                        tracing::debug!(object, error = %err, "multipart completion confirmed despite error");
+                        Ok(())
+                    }
+                    // The object is not ours: the upload did not complete
+                    // (or was overwritten since, which linearizes the same).
+                    Some(false) => {
+                        self.abort_upload(object, &upload_id).await;
+                        Err(ExternalError::determinate(err.message().to_owned()))
+                    }
+                    // Cannot tell: leave the upload alone, it may be done.
+                    None => Err(ExternalError::indeterminate(err.message().to_owned())),
                 }
-                self.abort_upload(object, &upload_id).await;
-                Err(err)
             }
         }
     }
 
-    /// Whether `object` currently holds the value of the upload `token`.
-    async fn uploaded_by(&self, object: &str, token: &str) -> bool {
+    /// Whether `object` currently holds the value of the upload `token`, or
+    /// `None` if that cannot be found out.
+    async fn uploaded_by(&self, object: &str, token: &str) -> Option<bool> {
         match self
             .client
             .head_object()
@@ -270,11 +283,13 @@ impl S3Blob {
             .send()
             .await
         {
-            Ok(out) => out
-                .metadata()
-                .and_then(|m| m.get(UPLOAD_TOKEN))
-                .is_some_and(|t| t == token),
-            Err(_) => false,
+            Ok(out) => Some(
+                out.metadata()
+                    .and_then(|m| m.get(UPLOAD_TOKEN))
+                    .is_some_and(|t| t == token),
+            ),
+            Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Some(false),
+            Err(_) => None,
         }
     }
 
@@ -320,7 +335,10 @@ impl S3Blob {
             let context = format!("upload part {part_number} of {object}");
             uploads.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                let out = request.send().await.map_err(|e| sdk_error(&context, e))?;
+                let out = request
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&context, e, Request::Write))?;
                 let e_tag = out.e_tag().ok_or_else(|| {
                     ExternalError::determinate(format!("{context}: server returned no ETag"))
                 })?;
@@ -337,34 +355,58 @@ impl S3Blob {
         let mut parts = Vec::new();
         while let Some(joined) = uploads.join_next().await {
             let part = joined
-                .map_err(|e| ExternalError::determinate(format!("upload task failed: {e}")))??;
-            parts.push(part);
+                .map_err(|e| ExternalError::determinate(format!("upload task failed: {e}")))
+                .and_then(|part| part);
+            match part {
+                Ok(part) => parts.push(part),
+                Err(err) => {
+                    // Stop the other parts before the caller aborts the
+                    // upload, so none lands after the abort.
+                    uploads.shutdown().await;
+                    return Err(err);
+                }
+            }
         }
         parts.sort_by_key(|p| p.part_number());
         Ok(parts)
     }
 }
 
-/// Classifies an SDK error: an error response from the service means the
-/// request was refused; a failure to get a response may hide a success.
-fn sdk_error<E, R>(context: &str, err: SdkError<E, R>) -> ExternalError
+/// Whether a failed request changed nothing, or may have changed something.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    /// Reads change nothing, so their failures are determinate whenever the
+    /// service answered.
+    Read,
+    /// The SDK retries writes, and an earlier attempt that timed out may
+    /// have been applied before a later one failed: only a request that
+    /// could not be built is certain not to have happened.
+    Write,
+}
+
+/// Classifies an SDK error for a request of kind `request`.
+fn sdk_error<E, R>(context: &str, err: SdkError<E, R>, request: Request) -> ExternalError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug,
 {
     let message = format!("{context}: {}", DisplayErrorContext(&err));
-    match err {
-        SdkError::ConstructionFailure(_) | SdkError::ServiceError(_) => {
-            ExternalError::determinate(message)
-        }
-        _ => ExternalError::indeterminate(message),
+    let determinate = match (&err, request) {
+        (SdkError::ConstructionFailure(_), _) => true,
+        (SdkError::ServiceError(_), Request::Read) => true,
+        _ => false,
+    };
+    if determinate {
+        ExternalError::determinate(message)
+    } else {
+        ExternalError::indeterminate(message)
     }
 }
 
 #[async_trait]
 impl Blob for S3Blob {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ExternalError> {
-        let object = self.object_key(key);
+        let object = self.object_key(key)?;
         let context = format!("get {object}");
         let out = match self
             .client
@@ -376,7 +418,7 @@ impl Blob for S3Blob {
         {
             Ok(out) => out,
             Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => return Ok(None),
-            Err(e) => return Err(sdk_error(&context, e)),
+            Err(e) => return Err(sdk_error(&context, e, Request::Read)),
         };
         let expected = out.content_length();
         let value = out
@@ -406,7 +448,7 @@ impl Blob for S3Blob {
         key_prefix: &str,
         f: &mut (dyn FnMut(BlobMetadata) + Send),
     ) -> Result<(), ExternalError> {
-        let full_prefix = self.object_key(key_prefix);
+        let full_prefix = format!("{}{key_prefix}", self.cfg.prefix);
         let context = format!("list {full_prefix}");
         let mut pages = self
             .client
@@ -416,17 +458,20 @@ impl Blob for S3Blob {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| sdk_error(&context, e))?;
+            let page = page.map_err(|e| sdk_error(&context, e, Request::Read))?;
             for object in page.contents() {
                 let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.cfg.prefix)) else {
                     continue;
                 };
+                let size = object
+                    .size()
+                    .and_then(|s| u64::try_from(s).ok())
+                    .ok_or_else(|| {
+                        ExternalError::determinate(format!("{context}: no size listed for {key}"))
+                    })?;
                 f(BlobMetadata {
                     key: key.to_owned(),
-                    size_in_bytes: object
-                        .size()
-                        .and_then(|s| u64::try_from(s).ok())
-                        .unwrap_or(0),
+                    size_in_bytes: size,
                 });
             }
         }
@@ -434,7 +479,7 @@ impl Blob for S3Blob {
     }
 
     async fn set(&self, key: &str, value: Bytes) -> Result<(), ExternalError> {
-        let object = self.object_key(key);
+        let object = self.object_key(key)?;
         if value.len() >= self.cfg.multipart_threshold {
             return self.put_multipart(&object, value).await;
         }
@@ -446,11 +491,11 @@ impl Blob for S3Blob {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| sdk_error(&format!("put {object}"), e))
+            .map_err(|e| sdk_error(&format!("put {object}"), e, Request::Write))
     }
 
     async fn delete(&self, key: &str) -> Result<Option<usize>, ExternalError> {
-        let object = self.object_key(key);
+        let object = self.object_key(key)?;
         let size = match self
             .client
             .head_object()
@@ -462,9 +507,11 @@ impl Blob for S3Blob {
             Ok(out) => out
                 .content_length()
                 .and_then(|s| usize::try_from(s).ok())
-                .unwrap_or(0),
+                .ok_or_else(|| {
+                    ExternalError::determinate(format!("stat {object}: no content length"))
+                })?,
             Err(SdkError::ServiceError(e)) if e.err().is_not_found() => return Ok(None),
-            Err(e) => return Err(sdk_error(&format!("stat {object}"), e)),
+            Err(e) => return Err(sdk_error(&format!("stat {object}"), e, Request::Read)),
         };
         self.client
             .delete_object()
@@ -472,7 +519,7 @@ impl Blob for S3Blob {
             .key(&object)
             .send()
             .await
-            .map_err(|e| sdk_error(&format!("delete {object}"), e))?;
+            .map_err(|e| sdk_error(&format!("delete {object}"), e, Request::Write))?;
         Ok(Some(size))
     }
 }
@@ -555,6 +602,10 @@ mod tests {
         assert_eq!(cfg.region, "eu-west-1");
         assert!(cfg.credentials.is_none());
         assert_eq!(S3BlobConfig::from_uri("s3://b").unwrap().prefix, "");
+        assert_eq!(
+            S3BlobConfig::from_uri("s3://b/a%20b").unwrap().prefix,
+            "a b/"
+        );
 
         for (bad, why) in [
             ("s3:///prefix", "missing bucket"),

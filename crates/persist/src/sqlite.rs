@@ -106,10 +106,24 @@ fn open_connection(path: &Path) -> Result<Connection, ExternalError> {
     Ok(conn)
 }
 
-/// SQLite reports failures before commit, and a failed commit rolls back, so
-/// every SQLite error is determinate.
+/// An error before commit: the transaction did not take effect.
 fn sql_error(context: &str, err: rusqlite::Error) -> ExternalError {
     ExternalError::determinate(chain(context, &err))
+}
+
+/// An error from `COMMIT`. A lock conflict means nothing was written; any
+/// other failure (I/O, disk full) may come after the commit record reached
+/// the WAL, which recovery would replay, so the outcome is unknown.
+fn commit_error(context: &str, err: rusqlite::Error) -> ExternalError {
+    let locked = matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    );
+    if locked {
+        ExternalError::determinate(chain(context, &err))
+    } else {
+        ExternalError::indeterminate(chain(context, &err))
+    }
 }
 
 fn read_entry(key: &str, row: &rusqlite::Row<'_>) -> Result<VersionedData, ExternalError> {
@@ -176,7 +190,7 @@ impl Consensus for SqliteConsensus {
                     stmt.execute(params![key, seqno_to_i64(new.seqno), &new.data[..]])
                 })
                 .map_err(|e| sql_error(&context, e))?;
-            txn.commit().map_err(|e| sql_error(&context, e))?;
+            txn.commit().map_err(|e| commit_error(&context, e))?;
             Ok(CaSResult::Committed)
         })
         .await
@@ -236,7 +250,7 @@ impl Consensus for SqliteConsensus {
                     params![key, seqno_to_i64(seqno)],
                 )
                 .map_err(|e| sql_error(&context, e))?;
-            txn.commit().map_err(|e| sql_error(&context, e))?;
+            txn.commit().map_err(|e| commit_error(&context, e))?;
             Ok(deleted)
         })
         .await

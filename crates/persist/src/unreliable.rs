@@ -3,12 +3,14 @@
 //! test can be replayed.
 //!
 //! Each operation first sleeps for a random latency up to the configured
-//! maximum, then either
-//! - fails with a [`Determinate`](crate::Determinate) error without reaching
-//!   the wrapped backend (probability `1 - should_happen`), or
-//! - runs on the wrapped backend and, with probability `should_timeout`,
-//!   reports an [`Indeterminate`](crate::Indeterminate) error although it
-//!   took effect: the case that makes retries need idempotency.
+//! maximum. Then, with probability `1 - should_happen`, it does not reach
+//! the wrapped backend, and fails with an
+//! [`Indeterminate`](crate::Indeterminate) error with probability
+//! `should_timeout` (a request lost on its way) or a
+//! [`Determinate`](crate::Determinate) one otherwise. Otherwise it runs on
+//! the wrapped backend and, with probability `should_timeout`, still reports
+//! an indeterminate error although it took effect (a response lost on its
+//! way back): the case that makes retries need idempotency.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,6 +31,8 @@ pub struct FaultStats {
     pub passed: u64,
     /// Operations failed determinately without running.
     pub determinate: u64,
+    /// Operations failed indeterminately without running.
+    pub lost_requests: u64,
     /// Operations that ran and were then reported indeterminate.
     pub indeterminate: u64,
 }
@@ -114,9 +118,10 @@ impl UnreliableHandle {
         };
         let (p_happen, p_timeout) = (faults.should_happen, faults.should_timeout);
         let happen = faults.rng.random_bool(p_happen);
-        let timeout = happen && faults.rng.random_bool(p_timeout);
+        let timeout = faults.rng.random_bool(p_timeout);
         match (happen, timeout) {
-            (false, _) => faults.stats.determinate += 1,
+            (false, false) => faults.stats.determinate += 1,
+            (false, true) => faults.stats.lost_requests += 1,
             (true, true) => faults.stats.indeterminate += 1,
             (true, false) => faults.stats.passed += 1,
         }
@@ -136,9 +141,11 @@ impl UnreliableHandle {
             tokio::time::sleep(decision.latency).await;
         }
         if !decision.happen {
-            return Err(ExternalError::determinate(format!(
-                "unreliable: {name} did not happen"
-            )));
+            return Err(if decision.timeout {
+                ExternalError::indeterminate(format!("unreliable: {name} was lost before running"))
+            } else {
+                ExternalError::determinate(format!("unreliable: {name} did not happen"))
+            });
         }
         let result = op.await;
         if decision.timeout {
@@ -272,8 +279,7 @@ mod tests {
             handle.stats(),
             FaultStats {
                 passed: 2,
-                determinate: 0,
-                indeterminate: 0
+                ..FaultStats::default()
             }
         );
     }
@@ -293,6 +299,20 @@ mod tests {
         }
         assert_eq!(inner.head("k").await.unwrap(), None);
         assert_eq!(handle.stats().determinate, 20);
+    }
+
+    #[tokio::test]
+    async fn lost_requests_are_indeterminate_but_never_ran() {
+        let inner = MemConsensus::new();
+        let handle = UnreliableHandle::new(11, 0.0, 1.0);
+        let consensus = UnreliableConsensus::new(Arc::new(inner.clone()), handle.clone());
+        let err = consensus
+            .compare_and_set("k", None, entry(0))
+            .await
+            .unwrap_err();
+        assert!(!err.is_determinate(), "{err}");
+        assert_eq!(inner.head("k").await.unwrap(), None);
+        assert_eq!(handle.stats().lost_requests, 1);
     }
 
     #[tokio::test]
