@@ -38,6 +38,8 @@ const TEMP_PREFIX: &str = ".tmp-";
 #[derive(Clone, Debug)]
 pub struct FileBlob {
     root: Arc<PathBuf>,
+    /// The open directory, fsynced after every rename into it.
+    dir: Arc<File>,
 }
 
 impl FileBlob {
@@ -47,7 +49,7 @@ impl FileBlob {
     pub async fn open(root: impl Into<PathBuf>) -> Result<Self, ExternalError> {
         let root = root.into();
         let dir = root.clone();
-        blocking(move || {
+        let handle = blocking(move || {
             let context = |what: &str| format!("{what} blob directory {}", dir.display());
             let existed = dir.exists();
             fs::create_dir_all(&dir).map_err(|e| io_error(&context("create"), e))?;
@@ -65,11 +67,12 @@ impl FileBlob {
                 }
             }
             remove_stale_temporaries(&dir);
-            Ok(())
+            File::open(&dir).map_err(|e| io_error(&context("open"), e))
         })
         .await?;
         Ok(FileBlob {
             root: Arc::new(root),
+            dir: Arc::new(handle),
         })
     }
 
@@ -203,10 +206,11 @@ impl Blob for FileBlob {
 
     async fn set(&self, key: &str, value: Bytes) -> Result<(), ExternalError> {
         let root = Arc::clone(&self.root);
+        let dir = Arc::clone(&self.dir);
         let path = self.path_of(key)?;
         let key = key.to_owned();
         blocking(move || {
-            write_atomically(&root, &path, &value).map_err(|(applied, e)| {
+            write_atomically(&root, &dir, &path, &value).map_err(|(applied, e)| {
                 let message = chain(&format!("write blob {key}"), &e);
                 if applied {
                     ExternalError::indeterminate(message)
@@ -275,12 +279,18 @@ fn remove_stale_temporaries(dir: &Path) {
 /// file appears whole or not at all, and is durable when this returns.
 ///
 /// On error, also says whether the new value may already be visible.
-fn write_atomically(root: &Path, path: &Path, value: &[u8]) -> Result<(), (bool, io::Error)> {
+fn write_atomically(
+    root: &Path,
+    dir: &File,
+    path: &Path,
+    value: &[u8],
+) -> Result<(), (bool, io::Error)> {
     let tmp = root.join(format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4().simple()));
     let written = (|| {
         let mut file = File::create(&tmp)?;
         file.write_all(value)?;
-        file.sync_all()?;
+        // Data and the size needed to read it back; the name comes next.
+        file.sync_data()?;
         fs::rename(&tmp, path)
     })();
     if let Err(e) = written {
@@ -288,9 +298,7 @@ fn write_atomically(root: &Path, path: &Path, value: &[u8]) -> Result<(), (bool,
         return Err((false, e));
     }
     // The rename is only durable once the directory entry is.
-    File::open(root)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| (true, e))
+    dir.sync_all().map_err(|e| (true, e))
 }
 
 #[cfg(test)]
