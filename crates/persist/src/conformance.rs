@@ -803,6 +803,12 @@ pub(crate) mod consensus {
 
 /// Writes through one instance opened from `uri`, drops it, and checks that
 /// a second instance opened from the same URI sees exactly what was written.
+///
+/// This checks that state lives in the backend, not in the handle; it does
+/// not simulate power loss. The fsync discipline that survives a power loss
+/// is in each backend's write path (file: temp file, `fdatasync`, rename,
+/// directory fsync; SQLite: WAL with `synchronous=FULL`), and killed
+/// processes are covered by `tests/tests/multiprocess.rs`.
 pub(crate) async fn blob_durable_across_reopen(uri: &str) {
     let blob = open_blob(uri).await.unwrap();
     blob.set("durable/kept", bytes("kept")).await.unwrap();

@@ -19,6 +19,8 @@
 //!
 //! [`unreliable`] wraps any backend to inject failures and latency in tests.
 //!
+//! [`part`] is the on-blob format of a shard part (Parquet) and its stats.
+//!
 //! Every fallible call returns an [`ExternalError`], which says whether the
 //! operation certainly did not happen ([`Determinate`]) or may have happened
 //! ([`Indeterminate`]); retry logic above depends on that distinction.
@@ -30,6 +32,7 @@ mod error;
 pub mod file;
 mod location;
 pub mod mem;
+pub mod part;
 pub mod postgres;
 pub mod s3;
 pub mod sqlite;

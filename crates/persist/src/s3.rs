@@ -391,11 +391,10 @@ where
     R: std::fmt::Debug,
 {
     let message = format!("{context}: {}", DisplayErrorContext(&err));
-    let determinate = match (&err, request) {
-        (SdkError::ConstructionFailure(_), _) => true,
-        (SdkError::ServiceError(_), Request::Read) => true,
-        _ => false,
-    };
+    let determinate = matches!(
+        (&err, request),
+        (SdkError::ConstructionFailure(_), _) | (SdkError::ServiceError(_), Request::Read)
+    );
     if determinate {
         ExternalError::determinate(message)
     } else {

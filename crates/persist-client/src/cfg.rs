@@ -1,0 +1,35 @@
+//! Configuration of a [`PersistClient`](crate::PersistClient).
+
+use std::time::Duration;
+
+/// Knobs of the client, with defaults suited to production.
+#[derive(Debug, Clone)]
+pub struct PersistConfig {
+    /// How long a leased reader may go without heartbeating before any later
+    /// state change may expire it, releasing its since hold. Longer tolerates
+    /// slower processes; shorter frees held-back compaction sooner.
+    pub reader_lease_duration: Duration,
+    /// How long a writer may go without heartbeating before it is expired
+    /// (an expired writer that appends again is simply re-registered).
+    pub writer_lease_duration: Duration,
+    /// The target size of one part in blob. Larger means fewer blobs and
+    /// requests; smaller means less memory per part while reading.
+    pub blob_target_size: usize,
+    /// The first delay between retries of a failed external operation; it
+    /// doubles up to [`PersistConfig::max_retry_backoff`].
+    pub initial_retry_backoff: Duration,
+    /// The longest delay between retries of a failed external operation.
+    pub max_retry_backoff: Duration,
+}
+
+impl Default for PersistConfig {
+    fn default() -> Self {
+        PersistConfig {
+            reader_lease_duration: Duration::from_secs(15 * 60),
+            writer_lease_duration: Duration::from_secs(60 * 60),
+            blob_target_size: 8 << 20,
+            initial_retry_backoff: Duration::from_millis(4),
+            max_retry_backoff: Duration::from_secs(16),
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The errors callers of the client act on.
+
+use std::fmt::Debug;
+
+use persist_types::ShardId;
+use timely::progress::Antichain;
+
+/// The codecs a shard was created with, or that a caller asked for: key,
+/// value, time and diff codec names.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Codecs {
+    /// The key codec's name.
+    pub key: String,
+    /// The value codec's name.
+    pub val: String,
+    /// The time codec's name.
+    pub ts: String,
+    /// The diff codec's name.
+    pub diff: String,
+}
+
+/// A shard was opened with codecs different from the ones it was created
+/// with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("codec mismatch: requested {requested:?} but the shard uses {actual:?}")]
+pub struct CodecMismatch {
+    /// The codecs the caller asked for.
+    pub requested: Codecs,
+    /// The codecs the shard was created with.
+    pub actual: Codecs,
+}
+
+/// A mistake in how the client was called. Nothing durable was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidUsage<T: Debug> {
+    /// An update's time is not at or beyond the batch's lower bound.
+    #[error("update time {ts:?} is not at or beyond the lower {lower:?}")]
+    UpdateNotBeyondLower {
+        /// The update's time.
+        ts: T,
+        /// The batch's lower bound.
+        lower: Antichain<T>,
+    },
+    /// An update's time is at or beyond the batch's upper bound.
+    #[error("update time {ts:?} is at or beyond the upper {expected_upper:?}")]
+    UpdateBeyondUpper {
+        /// The update's time.
+        ts: T,
+        /// The batch's upper bound.
+        expected_upper: Antichain<T>,
+    },
+    /// The lower bound is not less than or equal to the upper bound.
+    #[error("invalid bounds: lower {lower:?} is not <= upper {upper:?}")]
+    InvalidBounds {
+        /// The lower bound.
+        lower: Antichain<T>,
+        /// The upper bound.
+        upper: Antichain<T>,
+    },
+    /// A batch was appended with bounds other than the ones it was built with.
+    #[error(
+        "batch bounds [{batch_lower:?}, {batch_upper:?}) do not match the append's \
+         [{append_lower:?}, {append_upper:?})"
+    )]
+    InvalidBatchBounds {
+        /// The lower bound the batch was built with.
+        batch_lower: Antichain<T>,
+        /// The upper bound the batch was built with.
+        batch_upper: Antichain<T>,
+        /// The lower bound of the append.
+        append_lower: Antichain<T>,
+        /// The upper bound of the append.
+        append_upper: Antichain<T>,
+    },
+    /// A batch with updates was appended over an empty time interval
+    /// (`lower == upper`).
+    #[error("batch with updates appended over the empty interval [{lower:?}, {upper:?})")]
+    InvalidEmptyTimeInterval {
+        /// The lower bound.
+        lower: Antichain<T>,
+        /// The upper bound.
+        upper: Antichain<T>,
+        /// The blob keys of the batch's parts.
+        keys: Vec<String>,
+    },
+    /// A batch or part of one shard was used with a handle of another.
+    #[error("batch of shard {batch_shard} used with a handle of shard {handle_shard}")]
+    BatchNotFromThisShard {
+        /// The shard the batch belongs to.
+        batch_shard: ShardId,
+        /// The shard of the handle it was used with.
+        handle_shard: ShardId,
+    },
+    /// The shard was opened with different codecs than it was created with.
+    #[error(transparent)]
+    CodecMismatch(Box<CodecMismatch>),
+}
+
+/// The shard's upper was not the expected one, so nothing was appended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected upper {expected:?} but the shard's upper is {current:?}")]
+pub struct UpperMismatch<T> {
+    /// The upper the caller expected.
+    pub expected: Antichain<T>,
+    /// The shard's upper when the append was attempted.
+    pub current: Antichain<T>,
+}
+
+/// A read at times the shard can no longer distinguish: `as_of` is not at or
+/// beyond the shard's since.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("as_of is not at or beyond the since {0:?}")]
+pub struct Since<T>(pub Antichain<T>);

@@ -1,0 +1,542 @@
+//! The durable encoding of [`State`]: protobuf (prost), versioned.
+//!
+//! Every consensus entry starts with two fields that never change meaning:
+//! the encoding version (bumped on any incompatible change) and the version
+//! of the code that wrote it. A reader first decodes just those, and refuses
+//! an entry written with a newer encoding or by newer code (of a later
+//! major.minor release) instead of misreading it. Times, diffs and opaque
+//! tokens are stored in their `Codec64` encodings as fixed 64-bit fields.
+//!
+//! The messages are declared with `prost`'s derive, so no code generation
+//! step (and no `protoc`) is needed to build.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use differential_dataflow::lattice::Lattice;
+use differential_dataflow::trace::Description;
+use persist::SeqNo;
+use persist_types::{Codec64, ShardId};
+use prost::Message;
+use timely::progress::{Antichain, Timestamp};
+
+use crate::error::Codecs;
+use crate::ids::{CriticalReaderId, IdParseError, IdempotencyToken, LeasedReaderId, WriterId};
+use crate::internal::state::{
+    CriticalReaderState, HollowBatch, HollowPart, LeasedReaderState, State, WriterState,
+};
+
+/// The encoding this code writes. Readers accept this and older ones.
+pub(crate) const ENCODING_VERSION: u32 = 1;
+
+/// The version of the code writing state.
+const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why a consensus entry could not be decoded into a [`State`]. Nothing was
+/// changed by the attempt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateDecodeError {
+    /// The bytes are not a valid encoding (corrupt or truncated).
+    #[error("corrupt shard state: {0}")]
+    Corrupt(String),
+    /// The entry uses an encoding newer than this code understands.
+    #[error("shard state uses encoding version {found}, newer than the supported {supported}")]
+    NewerEncoding {
+        /// The entry's encoding version.
+        found: u32,
+        /// The newest version this code reads.
+        supported: u32,
+    },
+    /// The entry was written by a newer release of this code, which may rely
+    /// on semantics this one does not know.
+    #[error("shard state was written by version {found}, newer than this code's {ours}")]
+    NewerCode {
+        /// The version that wrote the entry.
+        found: String,
+        /// This code's version.
+        ours: String,
+    },
+    /// The entry belongs to another shard.
+    #[error("consensus entry for shard {expected} holds state of shard {found}")]
+    WrongShard {
+        /// The shard whose key was read.
+        expected: ShardId,
+        /// The shard named inside the entry.
+        found: String,
+    },
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ProtoVersions {
+    #[prost(uint32, tag = "1")]
+    encoding_version: u32,
+    #[prost(string, tag = "2")]
+    build_version: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ProtoState {
+    #[prost(uint32, tag = "1")]
+    encoding_version: u32,
+    #[prost(string, tag = "2")]
+    build_version: String,
+    #[prost(string, tag = "3")]
+    shard_id: String,
+    #[prost(uint64, tag = "4")]
+    seqno: u64,
+    #[prost(uint64, tag = "5")]
+    walltime_ms: u64,
+    #[prost(message, optional, tag = "6")]
+    codecs: Option<ProtoCodecs>,
+    #[prost(message, optional, tag = "7")]
+    since: Option<ProtoAntichain>,
+    #[prost(message, optional, tag = "8")]
+    upper: Option<ProtoAntichain>,
+    #[prost(message, repeated, tag = "9")]
+    batches: Vec<ProtoBatch>,
+    #[prost(message, repeated, tag = "10")]
+    writers: Vec<ProtoWriter>,
+    #[prost(message, repeated, tag = "11")]
+    leased_readers: Vec<ProtoLeasedReader>,
+    #[prost(message, repeated, tag = "12")]
+    critical_readers: Vec<ProtoCriticalReader>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ProtoCodecs {
+    #[prost(string, tag = "1")]
+    key: String,
+    #[prost(string, tag = "2")]
+    val: String,
+    #[prost(string, tag = "3")]
+    ts: String,
+    #[prost(string, tag = "4")]
+    diff: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ProtoAntichain {
+    #[prost(fixed64, repeated, tag = "1")]
+    elements: Vec<u64>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ProtoBatch {
+    #[prost(message, optional, tag = "1")]
+    lower: Option<ProtoAntichain>,
+    #[prost(message, optional, tag = "2")]
+    upper: Option<ProtoAntichain>,
+    #[prost(message, optional, tag = "3")]
+    since: Option<ProtoAntichain>,
+    #[prost(message, repeated, tag = "4")]
+    parts: Vec<ProtoPart>,
+    #[prost(uint64, tag = "5")]
+    len: u64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ProtoPart {
+    #[prost(string, tag = "1")]
+    key: String,
+    #[prost(uint64, tag = "2")]
+    len: u64,
+    #[prost(uint64, tag = "3")]
+    encoded_size_bytes: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    key_lower: Vec<u8>,
+    #[prost(bytes = "vec", optional, tag = "5")]
+    key_upper: Option<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ProtoWriter {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(uint64, tag = "2")]
+    last_heartbeat_ms: u64,
+    #[prost(uint64, tag = "3")]
+    lease_duration_ms: u64,
+    #[prost(string, tag = "4")]
+    most_recent_write_token: String,
+    #[prost(message, optional, tag = "5")]
+    most_recent_write_upper: Option<ProtoAntichain>,
+    #[prost(string, tag = "6")]
+    purpose: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ProtoLeasedReader {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(message, optional, tag = "2")]
+    since: Option<ProtoAntichain>,
+    #[prost(uint64, tag = "3")]
+    seqno: u64,
+    #[prost(uint64, tag = "4")]
+    last_heartbeat_ms: u64,
+    #[prost(uint64, tag = "5")]
+    lease_duration_ms: u64,
+    #[prost(string, tag = "6")]
+    purpose: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ProtoCriticalReader {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(message, optional, tag = "2")]
+    since: Option<ProtoAntichain>,
+    #[prost(fixed64, tag = "3")]
+    opaque: u64,
+    #[prost(string, tag = "4")]
+    opaque_codec: String,
+    #[prost(string, tag = "5")]
+    purpose: String,
+}
+
+fn encode_antichain<T: Codec64>(frontier: &Antichain<T>) -> Option<ProtoAntichain> {
+    Some(ProtoAntichain {
+        elements: frontier
+            .elements()
+            .iter()
+            .map(|t| u64::from_le_bytes(t.encode()))
+            .collect(),
+    })
+}
+
+fn decode_antichain<T: Timestamp + Codec64>(
+    proto: Option<ProtoAntichain>,
+    field: &str,
+) -> Result<Antichain<T>, StateDecodeError> {
+    let proto = proto.ok_or_else(|| StateDecodeError::Corrupt(format!("missing {field}")))?;
+    Ok(proto
+        .elements
+        .into_iter()
+        .map(|e| T::decode(e.to_le_bytes()))
+        .collect())
+}
+
+fn decode_id<I>(s: &str) -> Result<I, StateDecodeError>
+where
+    I: std::str::FromStr<Err = IdParseError>,
+{
+    s.parse()
+        .map_err(|e: IdParseError| StateDecodeError::Corrupt(e.to_string()))
+}
+
+/// Encodes `state` for a consensus entry.
+pub(crate) fn encode_state<T: Timestamp + Codec64>(state: &State<T>) -> Bytes {
+    let proto = ProtoState {
+        encoding_version: ENCODING_VERSION,
+        build_version: BUILD_VERSION.to_owned(),
+        shard_id: state.shard_id.to_string(),
+        seqno: state.seqno.0,
+        walltime_ms: state.walltime_ms,
+        codecs: Some(ProtoCodecs {
+            key: state.codecs.key.clone(),
+            val: state.codecs.val.clone(),
+            ts: state.codecs.ts.clone(),
+            diff: state.codecs.diff.clone(),
+        }),
+        since: encode_antichain(&state.since),
+        upper: encode_antichain(&state.upper),
+        batches: state
+            .batches
+            .iter()
+            .map(|b| ProtoBatch {
+                lower: encode_antichain(b.desc.lower()),
+                upper: encode_antichain(b.desc.upper()),
+                since: encode_antichain(b.desc.since()),
+                parts: b
+                    .parts
+                    .iter()
+                    .map(|p| ProtoPart {
+                        key: p.key.clone(),
+                        len: p.len,
+                        encoded_size_bytes: p.encoded_size_bytes,
+                        key_lower: p.key_lower.clone(),
+                        key_upper: p.key_upper.clone(),
+                    })
+                    .collect(),
+                len: b.len,
+            })
+            .collect(),
+        writers: state
+            .writers
+            .iter()
+            .map(|(id, w)| ProtoWriter {
+                id: id.to_string(),
+                last_heartbeat_ms: w.last_heartbeat_ms,
+                lease_duration_ms: w.lease_duration_ms,
+                most_recent_write_token: w.most_recent_write_token.to_string(),
+                most_recent_write_upper: encode_antichain(&w.most_recent_write_upper),
+                purpose: w.purpose.clone(),
+            })
+            .collect(),
+        leased_readers: state
+            .leased_readers
+            .iter()
+            .map(|(id, r)| ProtoLeasedReader {
+                id: id.to_string(),
+                since: encode_antichain(&r.since),
+                seqno: r.seqno.0,
+                last_heartbeat_ms: r.last_heartbeat_ms,
+                lease_duration_ms: r.lease_duration_ms,
+                purpose: r.purpose.clone(),
+            })
+            .collect(),
+        critical_readers: state
+            .critical_readers
+            .iter()
+            .map(|(id, r)| ProtoCriticalReader {
+                id: id.to_string(),
+                since: encode_antichain(&r.since),
+                opaque: u64::from_le_bytes(r.opaque),
+                opaque_codec: r.opaque_codec.clone(),
+                purpose: r.purpose.clone(),
+            })
+            .collect(),
+    };
+    Bytes::from(proto.encode_to_vec())
+}
+
+/// Parses `major.minor` of a version string, if it has one.
+fn major_minor(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Decodes the consensus entry `bytes` of shard `shard_id`, refusing
+/// entries this code must not interpret (see the module docs).
+pub(crate) fn decode_state<T: Timestamp + Lattice + Codec64>(
+    shard_id: ShardId,
+    bytes: &[u8],
+) -> Result<State<T>, StateDecodeError> {
+    let corrupt = |e: prost::DecodeError| StateDecodeError::Corrupt(e.to_string());
+    let versions = ProtoVersions::decode(bytes).map_err(corrupt)?;
+    if versions.encoding_version == 0 {
+        return Err(StateDecodeError::Corrupt(
+            "missing encoding version".to_owned(),
+        ));
+    }
+    if versions.encoding_version > ENCODING_VERSION {
+        return Err(StateDecodeError::NewerEncoding {
+            found: versions.encoding_version,
+            supported: ENCODING_VERSION,
+        });
+    }
+    match (
+        major_minor(&versions.build_version),
+        major_minor(BUILD_VERSION),
+    ) {
+        (Some(found), Some(ours)) if found <= ours => {}
+        _ => {
+            return Err(StateDecodeError::NewerCode {
+                found: versions.build_version,
+                ours: BUILD_VERSION.to_owned(),
+            });
+        }
+    }
+    let proto = ProtoState::decode(bytes).map_err(corrupt)?;
+    if proto.shard_id != shard_id.to_string() {
+        return Err(StateDecodeError::WrongShard {
+            expected: shard_id,
+            found: proto.shard_id,
+        });
+    }
+    let codecs = proto
+        .codecs
+        .ok_or_else(|| StateDecodeError::Corrupt("missing codecs".to_owned()))?;
+    let mut batches = Vec::with_capacity(proto.batches.len());
+    for b in proto.batches {
+        let desc = Description::new(
+            decode_antichain(b.lower, "batch lower")?,
+            decode_antichain(b.upper, "batch upper")?,
+            decode_antichain(b.since, "batch since")?,
+        );
+        let parts = b
+            .parts
+            .into_iter()
+            .map(|p| HollowPart {
+                key: p.key,
+                len: p.len,
+                encoded_size_bytes: p.encoded_size_bytes,
+                key_lower: p.key_lower,
+                key_upper: p.key_upper,
+            })
+            .collect();
+        batches.push(HollowBatch {
+            desc,
+            parts,
+            len: b.len,
+        });
+    }
+    let mut writers = BTreeMap::new();
+    for w in proto.writers {
+        let state = WriterState {
+            last_heartbeat_ms: w.last_heartbeat_ms,
+            lease_duration_ms: w.lease_duration_ms,
+            most_recent_write_token: decode_id::<IdempotencyToken>(&w.most_recent_write_token)?,
+            most_recent_write_upper: decode_antichain(w.most_recent_write_upper, "writer upper")?,
+            purpose: w.purpose,
+        };
+        writers.insert(decode_id::<WriterId>(&w.id)?, state);
+    }
+    let mut leased_readers = BTreeMap::new();
+    for r in proto.leased_readers {
+        let state = LeasedReaderState {
+            since: decode_antichain(r.since, "reader since")?,
+            seqno: SeqNo(r.seqno),
+            last_heartbeat_ms: r.last_heartbeat_ms,
+            lease_duration_ms: r.lease_duration_ms,
+            purpose: r.purpose,
+        };
+        leased_readers.insert(decode_id::<LeasedReaderId>(&r.id)?, state);
+    }
+    let mut critical_readers = BTreeMap::new();
+    for r in proto.critical_readers {
+        let state = CriticalReaderState {
+            since: decode_antichain(r.since, "critical reader since")?,
+            opaque: r.opaque.to_le_bytes(),
+            opaque_codec: r.opaque_codec,
+            purpose: r.purpose,
+        };
+        critical_readers.insert(decode_id::<CriticalReaderId>(&r.id)?, state);
+    }
+    Ok(State {
+        shard_id,
+        seqno: SeqNo(proto.seqno),
+        walltime_ms: proto.walltime_ms,
+        codecs: Codecs {
+            key: codecs.key,
+            val: codecs.val,
+            ts: codecs.ts,
+            diff: codecs.diff,
+        },
+        since: decode_antichain(proto.since, "since")?,
+        upper: decode_antichain(proto.upper, "upper")?,
+        batches,
+        writers,
+        leased_readers,
+        critical_readers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::internal::state::CompareAndAppendBreak;
+
+    fn sample_state() -> State<u64> {
+        let codecs = Codecs {
+            key: "String".into(),
+            val: "String".into(),
+            ts: "u64".into(),
+            diff: "i64".into(),
+        };
+        let mut state = State::new(ShardId::new(), codecs, 42);
+        let writer = WriterId::new();
+        let mut batch = HollowBatch::empty(Antichain::from_elem(0), Antichain::from_elem(3));
+        batch.parts.push(HollowPart {
+            key: "s/w/p".into(),
+            len: 2,
+            encoded_size_bytes: 100,
+            key_lower: b"a".to_vec(),
+            key_upper: Some(b"z".to_vec()),
+        });
+        batch.len = 2;
+        let appended = state.compare_and_append(&batch, writer, IdempotencyToken::new(), 5, 1000);
+        assert_ne!(appended, Err(CompareAndAppendBreak::AlreadyCommitted));
+        let reader = LeasedReaderId::new();
+        state.register_leased_reader(reader, "test", 6, 1000);
+        state.downgrade_since(reader, SeqNo(1), &Antichain::from_elem(2), 7);
+        state.register_critical_reader(CriticalReaderId::new(), "ctl", 9u64.to_le_bytes(), "u64");
+        state.seqno = SeqNo(7);
+        state
+    }
+
+    #[test]
+    fn state_roundtrips() {
+        let state = sample_state();
+        let bytes = encode_state(&state);
+        assert_eq!(decode_state::<u64>(state.shard_id, &bytes).unwrap(), state);
+        // The empty frontier (a tombstone's) survives too.
+        let mut closed = state.clone();
+        closed.since = Antichain::new();
+        closed.upper = Antichain::new();
+        assert_eq!(
+            decode_state::<u64>(state.shard_id, &encode_state(&closed)).unwrap(),
+            closed
+        );
+    }
+
+    #[test]
+    fn newer_encodings_and_code_are_refused() {
+        let state = sample_state();
+        let mut proto = ProtoState::decode(&encode_state(&state)[..]).unwrap();
+        proto.encoding_version = ENCODING_VERSION + 1;
+        let err = decode_state::<u64>(state.shard_id, &proto.encode_to_vec()).unwrap_err();
+        assert_eq!(
+            err,
+            StateDecodeError::NewerEncoding {
+                found: 2,
+                supported: 1
+            }
+        );
+
+        proto.encoding_version = ENCODING_VERSION;
+        proto.build_version = "999.0.0".into();
+        let err = decode_state::<u64>(state.shard_id, &proto.encode_to_vec()).unwrap_err();
+        assert!(
+            matches!(err, StateDecodeError::NewerCode { ref found, .. } if found == "999.0.0"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("999.0.0"));
+
+        proto.build_version = "0.0.1".into();
+        assert!(
+            decode_state::<u64>(state.shard_id, &proto.encode_to_vec()).is_ok(),
+            "older code's state reads"
+        );
+    }
+
+    #[test]
+    fn another_shards_state_is_refused() {
+        let state = sample_state();
+        let other = ShardId::new();
+        let err = decode_state::<u64>(other, &encode_state(&state)).unwrap_err();
+        assert!(matches!(err, StateDecodeError::WrongShard { expected, .. } if expected == other));
+    }
+
+    #[test]
+    fn corrupt_ids_are_errors() {
+        let state = sample_state();
+        let mut proto = ProtoState::decode(&encode_state(&state)[..]).unwrap();
+        proto.writers[0].id = "not-an-id".into();
+        let err = decode_state::<u64>(state.shard_id, &proto.encode_to_vec()).unwrap_err();
+        assert!(err.to_string().contains("not-an-id"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn truncated_or_garbled_state_never_panics(cut in 0usize..400, flip in 0usize..400, bit in 0u8..8) {
+            let state = sample_state();
+            let bytes = encode_state(&state);
+            let _ = decode_state::<u64>(state.shard_id, &bytes[..cut.min(bytes.len())]);
+            let mut garbled = bytes.to_vec();
+            if let Some(byte) = garbled.get_mut(flip) {
+                *byte ^= 1 << bit;
+            }
+            let _ = decode_state::<u64>(state.shard_id, &garbled);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_state::<u64>(ShardId::new(), &bytes);
+        }
+    }
+}

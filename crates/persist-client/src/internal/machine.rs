@@ -1,0 +1,486 @@
+//! The read-modify-CAS loop that applies state transitions through
+//! consensus.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use differential_dataflow::lattice::Lattice;
+use persist::{CaSResult, Consensus, ExternalError, SeqNo, VersionedData};
+use persist_types::{Codec64, ShardId};
+use timely::progress::Timestamp;
+use tokio::sync::watch;
+
+use crate::cfg::PersistConfig;
+use crate::error::{CodecMismatch, Codecs};
+use crate::internal::encoding::{StateDecodeError, decode_state, encode_state};
+use crate::internal::state::State;
+
+/// What a transition decided.
+pub(crate) enum Transition<R> {
+    /// Write the changed state and return `R` once it is committed.
+    Write(R),
+    /// Return `R` without writing (the transition changed nothing, or found
+    /// it must not proceed).
+    Skip(R),
+}
+
+/// Why the machine could not open or advance a shard's state.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum MachineError {
+    /// The shard's durable state cannot be interpreted.
+    #[error("shard {shard}: {source}")]
+    Decode {
+        /// The shard.
+        shard: ShardId,
+        /// What is wrong with its state.
+        source: StateDecodeError,
+    },
+    /// The shard exists with other codecs.
+    #[error(transparent)]
+    CodecMismatch(#[from] Box<CodecMismatch>),
+}
+
+/// The latest known state of a shard, shared by every handle that opened it
+/// through the same machine, with a watch that fires whenever it advances.
+#[derive(Debug)]
+struct SharedState<T> {
+    state: RwLock<Arc<State<T>>>,
+    seqno: watch::Sender<SeqNo>,
+}
+
+/// Applies transitions to one shard's state. Clones share the cached state.
+#[derive(Debug)]
+pub(crate) struct Machine<T> {
+    shard_id: ShardId,
+    consensus: Arc<dyn Consensus>,
+    cfg: PersistConfig,
+    shared: Arc<SharedState<T>>,
+}
+
+impl<T> Clone for Machine<T> {
+    fn clone(&self) -> Self {
+        Machine {
+            shard_id: self.shard_id,
+            consensus: Arc::clone(&self.consensus),
+            cfg: self.cfg.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch by the wall clock.
+pub(crate) fn now_ms() -> u64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
+    /// Opens the shard, creating it with `codecs` if it does not exist, and
+    /// checks that it was created with `codecs`. Retries external failures.
+    pub async fn open(
+        cfg: PersistConfig,
+        consensus: Arc<dyn Consensus>,
+        shard_id: ShardId,
+        codecs: Codecs,
+    ) -> Result<Self, MachineError> {
+        let key = shard_id.to_string();
+        let mut backoff = Backoff::new(&cfg);
+        let state = loop {
+            let head = match consensus.head(&key).await {
+                Ok(head) => head,
+                Err(err) => {
+                    backoff.wait("read state", shard_id, &err).await;
+                    continue;
+                }
+            };
+            if let Some(head) = head {
+                break decode(shard_id, &head)?;
+            }
+            let initial = State::new(shard_id, codecs.clone(), now_ms());
+            let entry = VersionedData {
+                seqno: initial.seqno,
+                data: encode_state(&initial),
+            };
+            match consensus.compare_and_set(&key, None, entry).await {
+                Ok(CaSResult::Committed) => break initial,
+                // Someone else created it first (or our create landed after
+                // an indeterminate error): read what is there.
+                Ok(CaSResult::ExpectationMismatch(_)) => continue,
+                Err(err) => backoff.wait("create shard", shard_id, &err).await,
+            }
+        };
+        if state.codecs != codecs {
+            return Err(MachineError::CodecMismatch(Box::new(CodecMismatch {
+                requested: codecs,
+                actual: state.codecs,
+            })));
+        }
+        let (seqno, _) = watch::channel(state.seqno);
+        let shared = SharedState {
+            state: RwLock::new(Arc::new(state)),
+            seqno,
+        };
+        Ok(Machine {
+            shard_id,
+            consensus,
+            cfg,
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The shard this machine applies transitions to.
+    pub fn shard_id(&self) -> ShardId {
+        self.shard_id
+    }
+
+    /// The configuration the machine was opened with.
+    pub fn cfg(&self) -> &PersistConfig {
+        &self.cfg
+    }
+
+    /// The latest state this process has seen (possibly stale).
+    pub fn cached(&self) -> Arc<State<T>> {
+        Arc::clone(&self.shared.state.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A receiver that changes whenever this process sees a newer state.
+    pub fn watch(&self) -> watch::Receiver<SeqNo> {
+        self.shared.seqno.subscribe()
+    }
+
+    /// Caches `state` if it is newer than what is cached.
+    fn cache(&self, state: State<T>) {
+        let mut cached = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
+        if state.seqno > cached.seqno {
+            let seqno = state.seqno;
+            *cached = Arc::new(state);
+            self.shared.seqno.send_replace(seqno);
+        }
+    }
+
+    /// Reads the latest state from consensus (retrying external failures),
+    /// caches it, and returns it.
+    pub async fn fetch_latest(&self) -> Result<Arc<State<T>>, MachineError> {
+        let key = self.shard_id.to_string();
+        let mut backoff = Backoff::new(&self.cfg);
+        loop {
+            match self.consensus.head(&key).await {
+                Ok(Some(head)) => {
+                    if head.seqno > self.cached().seqno {
+                        self.cache(decode(self.shard_id, &head)?);
+                    }
+                    return Ok(self.cached());
+                }
+                // Shards are never deleted from consensus: an empty key means
+                // a caller opened the machine on a different consensus.
+                Ok(None) => return Ok(self.cached()),
+                Err(err) => backoff.wait("read state", self.shard_id, &err).await,
+            }
+        }
+    }
+
+    /// Applies `transition` to the latest state and commits the result as
+    /// the next state, re-applying it to newer states after conflicts, and
+    /// retrying external failures with backoff.
+    ///
+    /// `transition` receives a copy of the latest state and the wall clock,
+    /// and may be called several times: it must be deterministic in its
+    /// inputs and safe to re-apply to a state that already contains its own
+    /// effect (an indeterminate write may have committed).
+    pub async fn apply<R>(
+        &self,
+        mut transition: impl FnMut(&mut State<T>, u64) -> Transition<R>,
+    ) -> Result<(SeqNo, R), MachineError> {
+        let key = self.shard_id.to_string();
+        let mut backoff = Backoff::new(&self.cfg);
+        loop {
+            let current = self.cached();
+            let now = now_ms();
+            let mut next = State::clone(&current);
+            next.seqno = current.seqno.next();
+            next.walltime_ms = now;
+            let result = match transition(&mut next, now) {
+                Transition::Skip(result) => return Ok((current.seqno, result)),
+                Transition::Write(result) => result,
+            };
+            let data = encode_state(&next);
+            let entry = VersionedData {
+                seqno: next.seqno,
+                data: data.clone(),
+            };
+            match self
+                .consensus
+                .compare_and_set(&key, Some(current.seqno), entry)
+                .await
+            {
+                Ok(CaSResult::Committed) => {
+                    let seqno = next.seqno;
+                    self.cache(next);
+                    return Ok((seqno, result));
+                }
+                Ok(CaSResult::ExpectationMismatch(Some(head))) => {
+                    self.cache(decode(self.shard_id, &head)?);
+                }
+                Ok(CaSResult::ExpectationMismatch(None)) => {
+                    // Cannot happen for an opened shard; re-read and retry.
+                    self.fetch_latest().await?;
+                }
+                Err(err) => {
+                    backoff.wait("write state", self.shard_id, &err).await;
+                    let latest = self.fetch_latest().await?;
+                    // An indeterminate write that landed shows up as the head
+                    // holding exactly our bytes.
+                    if !err.is_determinate()
+                        && latest.seqno == next.seqno
+                        && encode_state(&latest) == data
+                    {
+                        return Ok((next.seqno, result));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn decode<T: Timestamp + Lattice + Codec64>(
+    shard_id: ShardId,
+    entry: &VersionedData,
+) -> Result<State<T>, MachineError> {
+    let state =
+        decode_state::<T>(shard_id, &entry.data).map_err(|source| MachineError::Decode {
+            shard: shard_id,
+            source,
+        })?;
+    if state.seqno != entry.seqno {
+        let source = StateDecodeError::Corrupt(format!(
+            "entry at {} holds state {}",
+            entry.seqno, state.seqno
+        ));
+        return Err(MachineError::Decode {
+            shard: shard_id,
+            source,
+        });
+    }
+    Ok(state)
+}
+
+/// Exponential backoff between retries of external failures.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+    max: Duration,
+    attempts: u64,
+}
+
+impl Backoff {
+    pub fn new(cfg: &PersistConfig) -> Self {
+        Backoff {
+            next: cfg.initial_retry_backoff,
+            max: cfg.max_retry_backoff,
+            attempts: 0,
+        }
+    }
+
+    /// Logs `err` and sleeps before the next attempt.
+    pub async fn wait(&mut self, what: &str, shard: ShardId, err: &ExternalError) {
+        self.attempts += 1;
+        if self.attempts >= 3 {
+            tracing::warn!(%shard, attempts = self.attempts, error = %err, "{what} failed; retrying");
+        } else {
+            tracing::debug!(%shard, attempts = self.attempts, error = %err, "{what} failed; retrying");
+        }
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use persist::mem::MemConsensus;
+    use persist::unreliable::{UnreliableConsensus, UnreliableHandle};
+    use timely::progress::Antichain;
+
+    use super::*;
+    use crate::ids::{IdempotencyToken, LeasedReaderId, WriterId};
+    use crate::internal::state::{CompareAndAppendBreak, HollowBatch};
+
+    fn codecs() -> Codecs {
+        Codecs {
+            key: "String".into(),
+            val: "()".into(),
+            ts: "u64".into(),
+            diff: "i64".into(),
+        }
+    }
+
+    fn cfg() -> PersistConfig {
+        PersistConfig {
+            initial_retry_backoff: Duration::from_millis(1),
+            ..PersistConfig::default()
+        }
+    }
+
+    async fn open(consensus: &Arc<dyn Consensus>, shard: ShardId) -> Machine<u64> {
+        Machine::open(cfg(), Arc::clone(consensus), shard, codecs())
+            .await
+            .unwrap()
+    }
+
+    /// Appends `[lower, upper)` with `token`, as a writer handle will.
+    async fn append(
+        m: &Machine<u64>,
+        writer: WriterId,
+        token: IdempotencyToken,
+        lower: u64,
+        upper: u64,
+    ) -> Result<(), CompareAndAppendBreak<u64>> {
+        let batch = HollowBatch::empty(Antichain::from_elem(lower), Antichain::from_elem(upper));
+        let (_, result) = m
+            .apply(
+                |state, now| match state.compare_and_append(&batch, writer, token, now, 1000) {
+                    Ok(()) => Transition::Write(Ok(())),
+                    Err(CompareAndAppendBreak::AlreadyCommitted) => Transition::Skip(Ok(())),
+                    Err(other) => Transition::Skip(Err(other)),
+                },
+            )
+            .await
+            .unwrap();
+        result
+    }
+
+    #[tokio::test]
+    async fn open_creates_once_and_checks_codecs() {
+        let consensus: Arc<dyn Consensus> = Arc::new(MemConsensus::new());
+        let shard = ShardId::new();
+        let a = open(&consensus, shard).await;
+        let b = open(&consensus, shard).await;
+        assert_eq!(
+            a.cached(),
+            b.cached(),
+            "the second open finds the first's shard"
+        );
+        assert_eq!(
+            consensus
+                .scan(&shard.to_string(), SeqNo(0), 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+
+        let mut wrong = codecs();
+        wrong.key = "Vec<u8>".into();
+        let err = Machine::<u64>::open(cfg(), Arc::clone(&consensus), shard, wrong.clone())
+            .await
+            .unwrap_err();
+        match err {
+            MachineError::CodecMismatch(m) => {
+                assert_eq!(m.requested, wrong);
+                assert_eq!(m.actual, codecs());
+            }
+            other => panic!("expected a codec mismatch, got {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn conflicting_transitions_are_reapplied_to_newer_state() {
+        let consensus: Arc<dyn Consensus> = Arc::new(MemConsensus::new());
+        let shard = ShardId::new();
+        // Two "processes": separate machines with separate caches.
+        let (a, b) = (open(&consensus, shard).await, open(&consensus, shard).await);
+        let (ra, rb) = (LeasedReaderId::new(), LeasedReaderId::new());
+        a.apply(|s, now| Transition::Write(s.register_leased_reader(ra, "a", now, 1000)))
+            .await
+            .unwrap();
+        // b's cache is stale: its first attempt conflicts, then it re-applies.
+        let (seqno, _) = b
+            .apply(|s, now| Transition::Write(s.register_leased_reader(rb, "b", now, 1000)))
+            .await
+            .unwrap();
+        assert_eq!(seqno, SeqNo(2));
+        let latest = a.fetch_latest().await.unwrap();
+        assert!(latest.leased_readers.contains_key(&ra) && latest.leased_readers.contains_key(&rb));
+        assert_eq!(
+            *a.watch().borrow(),
+            SeqNo(2),
+            "the watch follows what this process sees"
+        );
+    }
+
+    #[tokio::test]
+    async fn appends_under_indeterminate_failures_apply_exactly_once() {
+        let inner = MemConsensus::new();
+        let handle = UnreliableHandle::new(5, 0.7, 0.4);
+        let consensus: Arc<dyn Consensus> = Arc::new(UnreliableConsensus::new(
+            Arc::new(inner.clone()),
+            handle.clone(),
+        ));
+        let shard = ShardId::new();
+        let m = open(&consensus, shard).await;
+        // Another process keeps changing the state, so that after a write
+        // whose outcome is unknown the head is usually someone else's and
+        // only the idempotency token can tell that the append landed.
+        let reliable: Arc<dyn Consensus> = Arc::new(inner.clone());
+        let other = open(&reliable, shard).await;
+        let busy = tokio::spawn(async move {
+            let reader = LeasedReaderId::new();
+            loop {
+                other
+                    .apply(|s, now| {
+                        Transition::Write(s.register_leased_reader(reader, "busy", now, 1000))
+                    })
+                    .await
+                    .unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let writer = WriterId::new();
+        for i in 0..150u64 {
+            // The machine retries each failed write with the same token; an
+            // upper mismatch here would mean an append was applied twice
+            // (the upper moved past `i`) or lost.
+            let result = append(&m, writer, IdempotencyToken::new(), i, i + 1).await;
+            assert_eq!(result, Ok(()), "append {i}");
+        }
+        busy.abort();
+        let stats = handle.stats();
+        assert!(
+            stats.indeterminate > 0 && stats.lost_requests > 0 && stats.determinate > 0,
+            "{stats:?}"
+        );
+        handle.totally_available();
+        let latest = m.fetch_latest().await.unwrap();
+        assert_eq!(latest.upper, Antichain::from_elem(150));
+        // Every committed entry decodes and the log has no gaps.
+        let log = inner
+            .scan(&shard.to_string(), SeqNo(0), usize::MAX)
+            .await
+            .unwrap();
+        for (i, entry) in log.iter().enumerate() {
+            assert_eq!(entry.seqno, SeqNo(i as u64));
+            decode::<u64>(shard, entry).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_state_is_an_error_not_a_panic() {
+        let consensus: Arc<dyn Consensus> = Arc::new(MemConsensus::new());
+        let shard = ShardId::new();
+        let garbage = VersionedData {
+            seqno: SeqNo(0),
+            data: Bytes::from_static(b"\xff\xff\xff not state"),
+        };
+        consensus
+            .compare_and_set(&shard.to_string(), None, garbage)
+            .await
+            .unwrap();
+        let err = Machine::<u64>::open(cfg(), consensus, shard, codecs())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, MachineError::Decode { .. }), "{err}");
+        assert!(err.to_string().contains(&shard.to_string()), "{err}");
+    }
+}
