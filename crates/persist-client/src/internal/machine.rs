@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::cfg::PersistConfig;
 use crate::error::{CodecMismatch, Codecs};
+use crate::internal::cache::{Cached, StateCache};
 use crate::internal::encoding::{StateDecodeError, decode_state, encode_state};
 use crate::internal::state::State;
 
@@ -78,13 +79,45 @@ pub(crate) fn now_ms() -> u64 {
 
 impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
     /// Opens the shard, creating it with `codecs` if it does not exist, and
-    /// checks that it was created with `codecs`. Retries external failures.
+    /// checks that it was created with `codecs`. Shares the cached state of
+    /// the shard if this process has it open already. Retries external
+    /// failures.
     pub async fn open(
         cfg: PersistConfig,
         consensus: Arc<dyn Consensus>,
+        cache: &StateCache,
         shard_id: ShardId,
         codecs: Codecs,
     ) -> Result<Self, MachineError> {
+        let mismatch = |actual: Codecs| {
+            MachineError::CodecMismatch(Box::new(CodecMismatch {
+                requested: codecs.clone(),
+                actual,
+            }))
+        };
+        let machine = |shared| Machine {
+            shard_id,
+            consensus: Arc::clone(&consensus),
+            cfg: cfg.clone(),
+            shared,
+        };
+        match cache.get::<SharedState<T>>(shard_id) {
+            Cached::Live(shared) => {
+                let actual = shared
+                    .state
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .codecs
+                    .clone();
+                return if actual == codecs {
+                    Ok(machine(shared))
+                } else {
+                    Err(mismatch(actual))
+                };
+            }
+            Cached::OtherType(actual) => return Err(mismatch(actual)),
+            Cached::Missing => {}
+        }
         let key = shard_id.to_string();
         let mut backoff = Backoff::new(&cfg);
         let state = loop {
@@ -112,22 +145,18 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
             }
         };
         if state.codecs != codecs {
-            return Err(MachineError::CodecMismatch(Box::new(CodecMismatch {
-                requested: codecs,
-                actual: state.codecs,
-            })));
+            return Err(mismatch(state.codecs));
         }
         let (seqno, _) = watch::channel(state.seqno);
-        let shared = SharedState {
+        let fresh = Arc::new(SharedState {
             state: RwLock::new(Arc::new(state)),
             seqno,
-        };
-        Ok(Machine {
-            shard_id,
-            consensus,
-            cfg,
-            shared: Arc::new(shared),
-        })
+        });
+        match cache.insert_or_get(shard_id, &codecs, fresh) {
+            Cached::Live(shared) => Ok(machine(shared)),
+            Cached::OtherType(actual) => Err(mismatch(actual)),
+            Cached::Missing => unreachable!("insert_or_get always caches"),
+        }
     }
 
     /// The shard this machine applies transitions to.
@@ -323,10 +352,17 @@ mod tests {
         }
     }
 
+    /// Opens `shard` as a new process would (with its own state cache).
     async fn open(consensus: &Arc<dyn Consensus>, shard: ShardId) -> Machine<u64> {
-        Machine::open(cfg(), Arc::clone(consensus), shard, codecs())
-            .await
-            .unwrap()
+        Machine::open(
+            cfg(),
+            Arc::clone(consensus),
+            &StateCache::default(),
+            shard,
+            codecs(),
+        )
+        .await
+        .unwrap()
     }
 
     /// Appends `[lower, upper)` with `token`, as a writer handle will.
@@ -373,7 +409,8 @@ mod tests {
 
         let mut wrong = codecs();
         wrong.key = "Vec<u8>".into();
-        let err = Machine::<u64>::open(cfg(), Arc::clone(&consensus), shard, wrong.clone())
+        let cache = StateCache::default();
+        let err = Machine::<u64>::open(cfg(), Arc::clone(&consensus), &cache, shard, wrong.clone())
             .await
             .unwrap_err();
         match err {
@@ -383,6 +420,30 @@ mod tests {
             }
             other => panic!("expected a codec mismatch, got {other}"),
         }
+    }
+
+    #[tokio::test]
+    async fn handles_in_one_process_share_state() {
+        let consensus: Arc<dyn Consensus> = Arc::new(MemConsensus::new());
+        let cache = StateCache::default();
+        let shard = ShardId::new();
+        let a = Machine::<u64>::open(cfg(), Arc::clone(&consensus), &cache, shard, codecs())
+            .await
+            .unwrap();
+        let b = Machine::<u64>::open(cfg(), Arc::clone(&consensus), &cache, shard, codecs())
+            .await
+            .unwrap();
+        let reader = LeasedReaderId::new();
+        a.apply(|s, now| Transition::Write(s.register_leased_reader(reader, "a", now, 1000)))
+            .await
+            .unwrap();
+        // b sees a's write without reading consensus.
+        assert!(b.cached().leased_readers.contains_key(&reader));
+        // The same shard with another time type is a codec mismatch.
+        let err = Machine::<i64>::open(cfg(), Arc::clone(&consensus), &cache, shard, codecs())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, MachineError::CodecMismatch(_)), "{err}");
     }
 
     #[tokio::test]
@@ -477,7 +538,7 @@ mod tests {
             .compare_and_set(&shard.to_string(), None, garbage)
             .await
             .unwrap();
-        let err = Machine::<u64>::open(cfg(), consensus, shard, codecs())
+        let err = Machine::<u64>::open(cfg(), consensus, &StateCache::default(), shard, codecs())
             .await
             .unwrap_err();
         assert!(matches!(err, MachineError::Decode { .. }), "{err}");

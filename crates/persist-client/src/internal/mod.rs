@@ -1,6 +1,7 @@
 //! The machinery behind the handles: state, its encoding, parts, and the
 //! loop that applies transitions through consensus.
 
+pub(crate) mod cache;
 pub(crate) mod encoding;
 pub(crate) mod machine;
 pub(crate) mod part;
