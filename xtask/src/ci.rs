@@ -89,6 +89,19 @@ fn with_services(
     f: impl FnOnce(Vec<(&'static str, String)>) -> Result<ExitStatus>,
 ) -> Result<ExitCode> {
     let running = services::ensure_up(layout)?;
+    if running.started {
+        // Ctrl-C (or a SIGTERM) reaches cargo and its tests too; stop what we
+        // started before leaving, or the servers would outlive the run.
+        let on_signal = layout.clone();
+        ctrlc::set_handler(move || {
+            eprintln!("\ninterrupted: stopping the services this run started");
+            if let Err(err) = services::down(&on_signal) {
+                eprintln!("failed to stop the services: {err:#}");
+            }
+            std::process::exit(130);
+        })
+        .context("install the interrupt handler")?;
+    }
     eprintln!("with the environment in {}", layout.env_file().display());
     let result = f(running.state.env_vars());
     let stopped = if running.started {
