@@ -13,7 +13,9 @@ use persist_types::ShardId;
 
 use crate::error::Codecs;
 
-/// Shared shard states, keyed by shard, of any timestamp type.
+/// Shared shard states, keyed by shard, of any timestamp type. One cache
+/// serves one location (one blob and consensus pair): a `PersistClient` owns
+/// its own.
 #[derive(Debug, Default)]
 pub(crate) struct StateCache {
     shards: Mutex<HashMap<ShardId, Entry>>,
@@ -82,6 +84,9 @@ impl StateCache {
             };
         }
         let erased: Arc<dyn Any + Send + Sync> = fresh.clone();
+        // Forget shards whose last handle is gone, so the map does not grow
+        // with every shard ever opened.
+        shards.retain(|_, e| e.shared.strong_count() > 0);
         shards.insert(
             shard,
             Entry {

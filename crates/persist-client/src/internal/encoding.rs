@@ -9,6 +9,11 @@
 //!
 //! The messages are declared with `prost`'s derive, so no code generation
 //! step (and no `protoc`) is needed to build.
+//!
+//! Rule for changes: adding any field bumps [`ENCODING_VERSION`]. Older code
+//! drops fields it does not know when it rewrites state, so a field it could
+//! read past would be silently erased; the version bump makes it refuse
+//! instead.
 
 use std::collections::BTreeMap;
 
@@ -209,11 +214,43 @@ fn decode_antichain<T: Timestamp + Codec64>(
     field: &str,
 ) -> Result<Antichain<T>, StateDecodeError> {
     let proto = proto.ok_or_else(|| StateDecodeError::Corrupt(format!("missing {field}")))?;
-    Ok(proto
+    let count = proto.elements.len();
+    let frontier: Antichain<T> = proto
         .elements
         .into_iter()
         .map(|e| T::decode(e.to_le_bytes()))
-        .collect())
+        .collect();
+    // Collecting drops duplicate and dominated elements; we never write any.
+    if frontier.len() != count {
+        return Err(StateDecodeError::Corrupt(format!(
+            "{field} is not an antichain"
+        )));
+    }
+    Ok(frontier)
+}
+
+/// Checks what every state this code writes satisfies, so that a corrupt
+/// entry is refused here rather than misread later: batches are contiguous
+/// from the minimum time to the upper, and each has `lower <= upper`.
+fn validate<T: Timestamp>(state: &State<T>) -> Result<(), StateDecodeError> {
+    let corrupt = |reason: &str| Err(StateDecodeError::Corrupt(reason.to_owned()));
+    if state.seqno > SeqNo::MAX {
+        return corrupt("seqno out of range");
+    }
+    let mut expected_lower = Antichain::from_elem(T::minimum());
+    for batch in &state.batches {
+        if batch.desc.lower() != &expected_lower {
+            return corrupt("batches are not contiguous");
+        }
+        if !timely::PartialOrder::less_equal(batch.desc.lower(), batch.desc.upper()) {
+            return corrupt("a batch's lower is not <= its upper");
+        }
+        expected_lower = batch.desc.upper().clone();
+    }
+    if expected_lower != state.upper {
+        return corrupt("the batches do not end at the upper");
+    }
+    Ok(())
 }
 
 fn decode_id<I>(s: &str) -> Result<I, StateDecodeError>
@@ -351,8 +388,15 @@ pub(crate) fn decode_state<T: Timestamp + Lattice + Codec64>(
         .ok_or_else(|| StateDecodeError::Corrupt("missing codecs".to_owned()))?;
     let mut batches = Vec::with_capacity(proto.batches.len());
     for b in proto.batches {
+        let lower = decode_antichain(b.lower, "batch lower")?;
+        if lower.is_empty() {
+            // Nothing can follow the end of time (and `Description` insists).
+            return Err(StateDecodeError::Corrupt(
+                "a batch starts at the empty frontier".to_owned(),
+            ));
+        }
         let desc = Description::new(
-            decode_antichain(b.lower, "batch lower")?,
+            lower,
             decode_antichain(b.upper, "batch upper")?,
             decode_antichain(b.since, "batch since")?,
         );
@@ -405,7 +449,7 @@ pub(crate) fn decode_state<T: Timestamp + Lattice + Codec64>(
         };
         critical_readers.insert(decode_id::<CriticalReaderId>(&r.id)?, state);
     }
-    Ok(State {
+    let state = State {
         shard_id,
         seqno: SeqNo(proto.seqno),
         walltime_ms: proto.walltime_ms,
@@ -421,7 +465,9 @@ pub(crate) fn decode_state<T: Timestamp + Lattice + Codec64>(
         writers,
         leased_readers,
         critical_readers,
-    })
+    };
+    validate(&state)?;
+    Ok(state)
 }
 
 #[cfg(test)]
@@ -454,7 +500,9 @@ mod tests {
         let reader = LeasedReaderId::new();
         state.register_leased_reader(reader, "test", 6, 1000);
         state.downgrade_since(reader, SeqNo(1), &Antichain::from_elem(2), 7);
-        state.register_critical_reader(CriticalReaderId::new(), "ctl", 9u64.to_le_bytes(), "u64");
+        state
+            .register_critical_reader(CriticalReaderId::new(), "ctl", 9u64.to_le_bytes(), "u64")
+            .unwrap();
         state.seqno = SeqNo(7);
         state
     }
@@ -466,8 +514,12 @@ mod tests {
         assert_eq!(decode_state::<u64>(state.shard_id, &bytes).unwrap(), state);
         // The empty frontier (a tombstone's) survives too.
         let mut closed = state.clone();
+        let last = HollowBatch::empty(Antichain::from_elem(3), Antichain::new());
+        closed
+            .compare_and_append(&last, WriterId::new(), IdempotencyToken::new(), 8, 1000)
+            .unwrap();
         closed.since = Antichain::new();
-        closed.upper = Antichain::new();
+        assert!(closed.is_tombstone());
         assert_eq!(
             decode_state::<u64>(state.shard_id, &encode_state(&closed)).unwrap(),
             closed
@@ -510,6 +562,43 @@ mod tests {
         let other = ShardId::new();
         let err = decode_state::<u64>(other, &encode_state(&state)).unwrap_err();
         assert!(matches!(err, StateDecodeError::WrongShard { expected, .. } if expected == other));
+    }
+
+    #[test]
+    fn states_no_writer_produces_are_refused() {
+        let state = sample_state();
+        let proto = ProtoState::decode(&encode_state(&state)[..]).unwrap();
+        let refuse = |edit: &dyn Fn(&mut ProtoState), why: &str| {
+            let mut bad = proto.clone();
+            edit(&mut bad);
+            let err = decode_state::<u64>(state.shard_id, &bad.encode_to_vec()).unwrap_err();
+            assert!(err.to_string().contains(why), "{why}: {err}");
+        };
+        refuse(
+            &|p| p.batches[0].lower = Some(ProtoAntichain { elements: vec![] }),
+            "empty frontier",
+        );
+        refuse(
+            &|p| {
+                p.upper = Some(ProtoAntichain {
+                    elements: vec![3, 3],
+                })
+            },
+            "not an antichain",
+        );
+        refuse(
+            &|p| p.upper = Some(ProtoAntichain { elements: vec![9] }),
+            "end at the upper",
+        );
+        refuse(
+            &|p| p.batches[0].lower = Some(ProtoAntichain { elements: vec![1] }),
+            "not contiguous",
+        );
+        refuse(
+            &|p| p.batches[0].upper = Some(ProtoAntichain { elements: vec![] }),
+            "end at the upper",
+        );
+        refuse(&|p| p.seqno = u64::MAX, "seqno out of range");
     }
 
     #[test]

@@ -20,9 +20,12 @@ use crate::internal::state::State;
 pub(crate) enum Transition<R> {
     /// Write the changed state and return `R` once it is committed.
     Write(R),
-    /// Return `R` without writing (the transition changed nothing, or found
-    /// it must not proceed).
+    /// Return `R` without writing: the transition changed nothing.
     Skip(R),
+    /// Return `R` without writing: the transition refused to proceed (an
+    /// upper or token mismatch, say). A refusal decided on a stale cached
+    /// state is re-checked against the latest state first.
+    Refuse(R),
 }
 
 /// Why the machine could not open or advance a shard's state.
@@ -39,6 +42,16 @@ pub(crate) enum MachineError {
     /// The shard exists with other codecs.
     #[error(transparent)]
     CodecMismatch(#[from] Box<CodecMismatch>),
+    /// Consensus contradicts what this process saw of the shard (its log
+    /// vanished or went backward): the machine was opened on another
+    /// location's state, or the consensus backend lost data.
+    #[error("shard {shard}: consensus contradicts the state this process saw: {reason}")]
+    Inconsistent {
+        /// The shard.
+        shard: ShardId,
+        /// What was contradicted.
+        reason: String,
+    },
 }
 
 /// The latest known state of a shard, shared by every handle that opened it
@@ -224,6 +237,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
     ) -> Result<(SeqNo, R), MachineError> {
         let key = self.shard_id.to_string();
         let mut backoff = Backoff::new(&self.cfg);
+        let mut refreshed = false;
         loop {
             let current = self.cached();
             let now = now_ms();
@@ -232,6 +246,14 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
             next.walltime_ms = now;
             let result = match transition(&mut next, now) {
                 Transition::Skip(result) => return Ok((current.seqno, result)),
+                Transition::Refuse(result) => {
+                    if refreshed || self.fetch_latest().await?.seqno == current.seqno {
+                        return Ok((current.seqno, result));
+                    }
+                    // The refusal may have been decided on stale state.
+                    refreshed = true;
+                    continue;
+                }
                 Transition::Write(result) => result,
             };
             let data = encode_state(&next);
@@ -249,25 +271,48 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
                     self.cache(next);
                     return Ok((seqno, result));
                 }
-                Ok(CaSResult::ExpectationMismatch(Some(head))) => {
+                Ok(CaSResult::ExpectationMismatch(Some(head))) if head.seqno > current.seqno => {
                     self.cache(decode(self.shard_id, &head)?);
                 }
-                Ok(CaSResult::ExpectationMismatch(None)) => {
-                    // Cannot happen for an opened shard; re-read and retry.
-                    self.fetch_latest().await?;
+                Ok(CaSResult::ExpectationMismatch(head)) => {
+                    // Heads never move backward or vanish: retrying would
+                    // spin forever.
+                    let reason = format!(
+                        "expected head {} but consensus has {:?}",
+                        current.seqno,
+                        head.map(|h| h.seqno)
+                    );
+                    return Err(MachineError::Inconsistent {
+                        shard: self.shard_id,
+                        reason,
+                    });
                 }
                 Err(err) => {
                     backoff.wait("write state", self.shard_id, &err).await;
-                    let latest = self.fetch_latest().await?;
-                    // An indeterminate write that landed shows up as the head
-                    // holding exactly our bytes.
-                    if !err.is_determinate()
-                        && latest.seqno == next.seqno
-                        && encode_state(&latest) == data
-                    {
-                        return Ok((next.seqno, result));
+                    if !err.is_determinate() && self.head_is(&key, &next.seqno, &data).await? {
+                        // The write whose outcome was unknown landed.
+                        let seqno = next.seqno;
+                        self.cache(next);
+                        return Ok((seqno, result));
                     }
+                    self.fetch_latest().await?;
                 }
+            }
+        }
+    }
+
+    /// Whether consensus holds exactly `data` at `seqno` (retrying external
+    /// failures).
+    async fn head_is(&self, key: &str, seqno: &SeqNo, data: &[u8]) -> Result<bool, MachineError> {
+        let mut backoff = Backoff::new(&self.cfg);
+        loop {
+            match self.consensus.scan(key, *seqno, 1).await {
+                Ok(entries) => {
+                    return Ok(entries
+                        .first()
+                        .is_some_and(|e| e.seqno == *seqno && e.data == data));
+                }
+                Err(err) => backoff.wait("read state", self.shard_id, &err).await,
             }
         }
     }
@@ -379,7 +424,7 @@ mod tests {
                 |state, now| match state.compare_and_append(&batch, writer, token, now, 1000) {
                     Ok(()) => Transition::Write(Ok(())),
                     Err(CompareAndAppendBreak::AlreadyCommitted) => Transition::Skip(Ok(())),
-                    Err(other) => Transition::Skip(Err(other)),
+                    Err(other) => Transition::Refuse(Err(other)),
                 },
             )
             .await
@@ -444,6 +489,52 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, MachineError::CodecMismatch(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn refusals_are_rechecked_against_the_latest_state() {
+        let consensus: Arc<dyn Consensus> = Arc::new(MemConsensus::new());
+        let shard = ShardId::new();
+        let (p1, p2) = (open(&consensus, shard).await, open(&consensus, shard).await);
+        append(&p2, WriterId::new(), IdempotencyToken::new(), 0, 3)
+            .await
+            .unwrap();
+        // p1's cache still says upper 0: its append at 3 is refused by the
+        // cached state, re-checked, and then goes through.
+        assert_eq!(p1.cached().upper, Antichain::from_elem(0));
+        append(&p1, WriterId::new(), IdempotencyToken::new(), 3, 5)
+            .await
+            .unwrap();
+        assert_eq!(p1.cached().upper, Antichain::from_elem(5));
+        // A refusal that still holds on the latest state is returned.
+        let result = append(&p1, WriterId::new(), IdempotencyToken::new(), 9, 10).await;
+        assert_eq!(
+            result,
+            Err(CompareAndAppendBreak::Upper(Antichain::from_elem(5)))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_that_goes_backward_is_an_error_not_a_spin() {
+        let (a, b): (Arc<dyn Consensus>, Arc<dyn Consensus>) =
+            (Arc::new(MemConsensus::new()), Arc::new(MemConsensus::new()));
+        let cache = StateCache::default();
+        let shard = ShardId::new();
+        let on_a = Machine::<u64>::open(cfg(), a, &cache, shard, codecs())
+            .await
+            .unwrap();
+        on_a.apply(|s, now| Transition::Write(s.register_writer(WriterId::new(), "w", now, 1)))
+            .await
+            .unwrap();
+        // A cache shared with another location hands b's machine a's state.
+        let on_b = Machine::<u64>::open(cfg(), b, &cache, shard, codecs())
+            .await
+            .unwrap();
+        let err = on_b
+            .apply(|s, now| Transition::Write(s.register_writer(WriterId::new(), "w", now, 1)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, MachineError::Inconsistent { .. }), "{err}");
     }
 
     #[tokio::test]

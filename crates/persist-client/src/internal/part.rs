@@ -6,7 +6,7 @@ use persist::part::{DecodedPart, PartBuilder, PartCodecs};
 use persist_types::{Codec, Codec64};
 use timely::progress::Timestamp;
 
-use crate::error::Codecs;
+use crate::error::{CodecMismatch, Codecs};
 
 /// The bytes-level codec names of a shard.
 pub(crate) fn part_codecs(codecs: &Codecs) -> PartCodecs {
@@ -50,6 +50,27 @@ where
         builder.push(&key, &val, t.encode(), d.encode());
     }
     builder
+}
+
+/// Checks that `part` was written with the shard's `codecs` (a part from
+/// another shard, or bytes misfiled under this one, would decode into
+/// nonsense otherwise).
+pub(crate) fn check_codecs(part: &DecodedPart, codecs: &Codecs) -> Result<(), CodecMismatch> {
+    let found = part.codecs();
+    let actual = Codecs {
+        key: found.key.clone(),
+        val: found.val.clone(),
+        ts: found.ts.clone(),
+        diff: found.diff.clone(),
+    };
+    if &actual == codecs {
+        Ok(())
+    } else {
+        Err(CodecMismatch {
+            requested: codecs.clone(),
+            actual,
+        })
+    }
 }
 
 /// One decoded update: key and value decoding may fail (the bytes came from
@@ -108,6 +129,10 @@ mod tests {
         assert_eq!(part.stats.len, 3);
         let decoded = decode_part(part.bytes).unwrap();
         assert_eq!(decoded.codecs(), &part_codecs(&codecs));
+        check_codecs(&decoded, &codecs).unwrap();
+        let other = codecs_of::<String, String, u64, u64>();
+        let err = check_codecs(&decoded, &other).unwrap_err();
+        assert_eq!((err.requested, err.actual), (other, codecs.clone()));
         // Keep times below 6, advancing them to at least 2 (as a read would).
         let read = decode_updates::<String, String, u64, i64>(
             &decoded,

@@ -223,6 +223,13 @@ impl<T: Timestamp + Lattice> State<T> {
             debug_assert_eq!(&state.most_recent_write_upper, batch.desc.upper());
             return Err(CompareAndAppendBreak::AlreadyCommitted);
         }
+        // Part keys are unique, so a batch whose parts are already in state
+        // was appended: a retry whose writer (and token) expired meanwhile.
+        // Reporting a mismatch instead would make the caller delete blobs
+        // that state references.
+        if self.contains_any_part(batch) {
+            return Err(CompareAndAppendBreak::AlreadyCommitted);
+        }
         if &self.upper != batch.desc.lower() {
             return Err(CompareAndAppendBreak::Upper(self.upper.clone()));
         }
@@ -247,6 +254,15 @@ impl<T: Timestamp + Lattice> State<T> {
             _ => self.batches.push(batch.clone()),
         }
         Ok(())
+    }
+
+    /// Whether any part of `batch` is referenced by a batch in state.
+    fn contains_any_part(&self, batch: &HollowBatch<T>) -> bool {
+        batch.parts.iter().any(|new| {
+            self.batches
+                .iter()
+                .any(|b| b.parts.iter().any(|old| old.key == new.key))
+        })
     }
 
     /// Registers (or refreshes) a leased reader holding the shard's since
@@ -274,14 +290,15 @@ impl<T: Timestamp + Lattice> State<T> {
     }
 
     /// Registers a critical reader with `initial` as its token, or returns
-    /// the existing one's since and token.
+    /// the existing one's since and token. Fails with the recorded codec if
+    /// the reader exists with tokens of another codec.
     pub fn register_critical_reader(
         &mut self,
         id: CriticalReaderId,
         purpose: &str,
         initial: [u8; 8],
         opaque_codec: &str,
-    ) -> (Antichain<T>, [u8; 8]) {
+    ) -> Result<(Antichain<T>, [u8; 8]), String> {
         let since = self.since.clone();
         let reader = self
             .critical_readers
@@ -292,7 +309,10 @@ impl<T: Timestamp + Lattice> State<T> {
                 opaque_codec: opaque_codec.to_owned(),
                 purpose: purpose.to_owned(),
             });
-        (reader.since.clone(), reader.opaque)
+        if reader.opaque_codec != opaque_codec {
+            return Err(reader.opaque_codec.clone());
+        }
+        Ok((reader.since.clone(), reader.opaque))
     }
 
     /// Moves a leased reader's since forward to `new_since` (joined with its
@@ -331,6 +351,11 @@ impl<T: Timestamp + Lattice> State<T> {
             .get_mut(&id)
             .ok_or(CriticalSinceBreak::UnknownReader)?;
         if reader.opaque != expected {
+            // A retry of this very call that already landed (its outcome was
+            // unknown) finds our new token and a since at least ours: done.
+            if reader.opaque == new_opaque && PartialOrder::less_equal(new_since, &reader.since) {
+                return Ok(reader.since.clone());
+            }
             return Err(CriticalSinceBreak::OpaqueMismatch(reader.opaque));
         }
         reader.opaque = new_opaque;
@@ -433,27 +458,31 @@ impl<T: Timestamp + Lattice> State<T> {
         as_of.elements().iter().all(|t| !self.upper.less_equal(t))
     }
 
-    /// The batch a listener at `frontier` reads next: the one containing
-    /// `frontier` (its lower is at or before it and its upper beyond it), or
-    /// `None` if the shard is not yet complete past `frontier`.
+    /// The batch a listener at `frontier` reads next: the one starting at
+    /// `frontier`, or `None` if none has been appended there yet.
+    ///
+    /// A listener moves from batch boundary to batch boundary, starting at
+    /// the first batch's lower (the minimum time, or the since after
+    /// compaction) and keeping the updates not at or before its `as_of`.
+    /// Starting at the `as_of` itself is not possible in general: with
+    /// partially ordered times an `as_of` need not lie in any one batch.
     pub fn next_listen_batch(&self, frontier: &Antichain<T>) -> Option<HollowBatch<T>> {
         self.batches
             .iter()
-            .find(|b| {
-                PartialOrder::less_equal(b.desc.lower(), frontier)
-                    && PartialOrder::less_than(frontier, b.desc.upper())
-            })
+            .find(|b| b.desc.lower() == frontier)
             .cloned()
     }
 }
 
 /// Whether some time at or beyond `lower` may also be not beyond `as_of`:
-/// true unless every element of `as_of` is strictly less than `lower`.
+/// some element of `lower` is at or before some element of `as_of`. The
+/// empty `as_of` (the end of time) covers every time.
 fn covers_times_not_beyond<T: Timestamp>(lower: &Antichain<T>, as_of: &Antichain<T>) -> bool {
-    as_of
-        .elements()
-        .iter()
-        .any(|t| lower.elements().iter().any(|l| l.less_equal(t)))
+    as_of.is_empty()
+        || as_of
+            .elements()
+            .iter()
+            .any(|t| lower.elements().iter().any(|l| l.less_equal(t)))
 }
 
 #[cfg(test)]
@@ -479,7 +508,7 @@ mod tests {
         let mut batch = HollowBatch::empty(frontier(lower), frontier(upper));
         batch.parts = (0..parts)
             .map(|i| HollowPart {
-                key: format!("p{lower}-{i}"),
+                key: format!("p{lower}-{i}-{}", uuid::Uuid::new_v4().simple()),
                 len: 1,
                 encoded_size_bytes: 10,
                 key_lower: vec![],
@@ -537,6 +566,23 @@ mod tests {
             s.compare_and_append(&batch(0, 3, 1), WriterId::new(), token, 2, 10),
             Err(CompareAndAppendBreak::Upper(frontier(3)))
         );
+    }
+
+    #[test]
+    fn a_retry_after_the_writer_expired_is_still_recognised() {
+        let mut s = state();
+        let w = WriterId::new();
+        let b = batch(0, 3, 2);
+        s.compare_and_append(&b, w, IdempotencyToken::new(), 1, 10)
+            .unwrap();
+        // The writer's lease lapses before it learns its append landed.
+        assert_eq!(s.expire_lapsed(100), 1);
+        assert_eq!(
+            s.compare_and_append(&b, w, IdempotencyToken::new(), 101, 10),
+            Err(CompareAndAppendBreak::AlreadyCommitted),
+            "its parts are in state: reporting a mismatch would get them deleted"
+        );
+        assert_eq!(s.batches.len(), 1);
     }
 
     #[test]
@@ -623,21 +669,39 @@ mod tests {
         let epoch = |e: u64| e.to_le_bytes();
         assert_eq!(
             s.register_critical_reader(c, "ctl", epoch(0), "u64"),
-            (frontier(0), epoch(0))
+            Ok((frontier(0), epoch(0)))
         );
         assert_eq!(
             s.compare_and_downgrade_since(c, epoch(0), epoch(1), &frontier(2)),
             Ok(frontier(2))
         );
+        // Re-applying the same downgrade (a retry whose first attempt landed)
+        // succeeds without changing anything.
+        let before = s.clone();
+        assert_eq!(
+            s.compare_and_downgrade_since(c, epoch(0), epoch(1), &frontier(2)),
+            Ok(frontier(2))
+        );
+        assert_eq!(s, before);
         assert_eq!(
             s.compare_and_downgrade_since(c, epoch(0), epoch(0), &frontier(9)),
             Err(CriticalSinceBreak::OpaqueMismatch(epoch(1)))
+        );
+        assert_eq!(
+            s.compare_and_downgrade_since(c, epoch(0), epoch(1), &frontier(9)),
+            Err(CriticalSinceBreak::OpaqueMismatch(epoch(1))),
+            "a stale epoch cannot move the since by naming the current token"
         );
         assert_eq!(s.since, frontier(2));
         // Registering again returns the existing hold, not a fresh one.
         assert_eq!(
             s.register_critical_reader(c, "ctl", epoch(0), "u64"),
-            (frontier(2), epoch(1))
+            Ok((frontier(2), epoch(1)))
+        );
+        assert_eq!(
+            s.register_critical_reader(c, "ctl", epoch(0), "i64"),
+            Err("u64".to_owned()),
+            "tokens are read with the codec they were written with"
         );
         // Critical and leased holds combine.
         let r = LeasedReaderId::new();
@@ -703,14 +767,14 @@ mod tests {
             s.compare_and_append(&batch(lower, upper, 1), w, IdempotencyToken::new(), 0, 10)
                 .unwrap();
         }
-        let lower = |f: u64| {
+        let upper = |f: u64| {
             s.next_listen_batch(&frontier(f))
-                .map(|b| b.desc.lower().clone())
+                .map(|b| b.desc.upper().clone())
         };
-        assert_eq!(lower(0), Some(frontier(0)));
-        assert_eq!(lower(1), Some(frontier(0)), "an as_of inside a batch");
-        assert_eq!(lower(2), Some(frontier(2)));
-        assert_eq!(lower(4), None, "not yet written");
+        assert_eq!(upper(0), Some(frontier(2)));
+        assert_eq!(upper(2), Some(frontier(4)));
+        assert_eq!(upper(1), None, "listeners move between batch boundaries");
+        assert_eq!(upper(4), None, "not yet written");
     }
 
     #[test]
@@ -743,6 +807,15 @@ mod tests {
             s.snapshot(&Antichain::new()),
             Err(SnapshotError::NotYetAvailable)
         );
+        // A listener walks the batch boundaries from the start, whatever its
+        // as_of: (1, 6) and (3, 0), in the first batch, are beyond (1, 5).
+        let first = s
+            .next_listen_batch(&Antichain::from_elem(T::minimum()))
+            .unwrap();
+        assert_eq!(first.desc.upper(), &f(2, 2));
+        let second = s.next_listen_batch(first.desc.upper()).unwrap();
+        assert_eq!(second.desc.upper(), &upper);
+        assert_eq!(s.next_listen_batch(&upper), None);
         // (1, 1) only needs the first batch; (2, 2) needs both.
         assert_eq!(s.snapshot(&f(1, 1)).unwrap().len(), 1);
         assert_eq!(s.snapshot(&f(2, 2)).unwrap().len(), 2);
