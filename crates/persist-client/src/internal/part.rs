@@ -55,7 +55,7 @@ where
 /// Checks that `part` was written with the shard's `codecs` (a part from
 /// another shard, or bytes misfiled under this one, would decode into
 /// nonsense otherwise).
-pub(crate) fn check_codecs(part: &DecodedPart, codecs: &Codecs) -> Result<(), CodecMismatch> {
+pub(crate) fn check_codecs(part: &DecodedPart, codecs: &Codecs) -> Result<(), Box<CodecMismatch>> {
     let found = part.codecs();
     let actual = Codecs {
         key: found.key.clone(),
@@ -66,10 +66,10 @@ pub(crate) fn check_codecs(part: &DecodedPart, codecs: &Codecs) -> Result<(), Co
     if &actual == codecs {
         Ok(())
     } else {
-        Err(CodecMismatch {
+        Err(Box::new(CodecMismatch {
             requested: codecs.clone(),
             actual,
-        })
+        }))
     }
 }
 
@@ -131,7 +131,7 @@ mod tests {
         assert_eq!(decoded.codecs(), &part_codecs(&codecs));
         check_codecs(&decoded, &codecs).unwrap();
         let other = codecs_of::<String, String, u64, u64>();
-        let err = check_codecs(&decoded, &other).unwrap_err();
+        let err = *check_codecs(&decoded, &other).unwrap_err();
         assert_eq!((err.requested, err.actual), (other, codecs.clone()));
         // Keep times below 6, advancing them to at least 2 (as a read would).
         let read = decode_updates::<String, String, u64, i64>(
