@@ -379,16 +379,8 @@ mod tests {
 
     use super::*;
     use crate::ids::{IdempotencyToken, LeasedReaderId, WriterId};
+    use crate::internal::state::tests::codecs;
     use crate::internal::state::{CompareAndAppendBreak, HollowBatch};
-
-    fn codecs() -> Codecs {
-        Codecs {
-            key: "String".into(),
-            val: "()".into(),
-            ts: "u64".into(),
-            diff: "i64".into(),
-        }
-    }
 
     fn cfg() -> PersistConfig {
         PersistConfig {

@@ -486,12 +486,13 @@ fn covers_times_not_beyond<T: Timestamp>(lower: &Antichain<T>, as_of: &Antichain
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use timely::order::Product;
 
     use super::*;
 
-    fn codecs() -> Codecs {
+    /// The codecs the internal tests' shards use.
+    pub(crate) fn codecs() -> Codecs {
         Codecs {
             key: "String".into(),
             val: "()".into(),
