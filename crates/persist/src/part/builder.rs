@@ -15,8 +15,9 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersi
 
 use super::stats::KeyBounds;
 use super::{
-    COL_DIFF, COL_KEY, COL_TIME, COL_VAL, FORMAT_VERSION, META_DIFF_CODEC, META_FORMAT,
+    COL_DIFF, COL_KEY, COL_TIME, COL_VAL, FORMAT_VERSION, META_CRC32, META_DIFF_CODEC, META_FORMAT,
     META_KEY_CODEC, META_TS_CODEC, META_VAL_CODEC, PartCodecs, PartError, PartStats,
+    checksum_update,
 };
 
 /// The most bytes of keys (and, separately, of vals) one part can hold:
@@ -51,6 +52,8 @@ pub struct PartBuilder {
     /// Set once a push would exceed [`MAX_COLUMN_BYTES`]; `finish` then fails.
     too_large: bool,
     bounds: KeyBounds,
+    /// The checksum of the pushed updates.
+    crc: crc32fast::Hasher,
 }
 
 impl fmt::Debug for PartBuilder {
@@ -78,6 +81,7 @@ impl PartBuilder {
             val_bytes: 0,
             too_large: false,
             bounds: KeyBounds::default(),
+            crc: crc32fast::Hasher::new(),
         }
     }
 
@@ -95,6 +99,7 @@ impl PartBuilder {
         self.key_bytes = key_bytes;
         self.val_bytes = val_bytes;
         self.bounds.observe(key);
+        checksum_update(&mut self.crc, key, val, time, diff);
         self.keys.append_value(key);
         self.vals.append_value(val);
         self.times.push(i64::from_le_bytes(time));
@@ -138,12 +143,14 @@ impl PartBuilder {
         let batch = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(encode_err)?;
 
         let codecs = &self.codecs;
+        let crc = format!("{:08x}", self.crc.clone().finalize());
         let metadata = [
             (META_FORMAT, opts.format_version.as_str()),
             (META_KEY_CODEC, codecs.key.as_str()),
             (META_VAL_CODEC, codecs.val.as_str()),
             (META_TS_CODEC, codecs.ts.as_str()),
             (META_DIFF_CODEC, codecs.diff.as_str()),
+            (META_CRC32, crc.as_str()),
         ]
         .into_iter()
         .map(|(k, v)| KeyValue::new(k.to_string(), v.to_string()))

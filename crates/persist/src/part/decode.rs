@@ -18,8 +18,8 @@ use parquet::schema::types::SchemaDescriptor;
 use super::builder::part_schema;
 use super::thrift::{self, ENCODING_PLAIN, PAGE_TYPE_DATA_PAGE};
 use super::{
-    COL_DIFF, COL_KEY, COL_TIME, COL_VAL, FORMAT_VERSION, META_DIFF_CODEC, META_FORMAT,
-    META_KEY_CODEC, META_TS_CODEC, META_VAL_CODEC, PartCodecs, PartError,
+    COL_DIFF, COL_KEY, COL_TIME, COL_VAL, FORMAT_VERSION, META_CRC32, META_DIFF_CODEC, META_FORMAT,
+    META_KEY_CODEC, META_TS_CODEC, META_VAL_CODEC, PartCodecs, PartError, checksum_update,
 };
 
 /// The magic bytes at both ends of an unencrypted Parquet file.
@@ -161,6 +161,8 @@ pub(super) fn decode_unguarded(bytes: Bytes) -> Result<DecodedPart, PartError> {
     let file_meta = parquet_meta.file_metadata();
     // The version first: a newer format may change everything below.
     let codecs = read_persist_metadata(file_meta.key_value_metadata())?;
+    // Checked once the updates are decoded, so that schema errors come first.
+    let recorded_crc = read_checksum(file_meta.key_value_metadata());
     check_schema(file_meta.schema_descr(), meta.schema())?;
     let num_rows = check_row_groups(&bytes, footer_start, parquet_meta)?;
 
@@ -187,13 +189,44 @@ pub(super) fn decode_unguarded(bytes: Bytes) -> Result<DecodedPart, PartError> {
             batch.num_rows()
         )));
     }
-    Ok(DecodedPart {
+    let part = DecodedPart {
         codecs,
         keys: column::<BinaryArray>(&batch, 0)?,
         vals: column::<BinaryArray>(&batch, 1)?,
         times: column::<Int64Array>(&batch, 2)?,
         diffs: column::<Int64Array>(&batch, 3)?,
-    })
+    };
+    check_checksum(&part, recorded_crc?)?;
+    Ok(part)
+}
+
+/// The checksum the writer recorded (see the module docs).
+fn read_checksum(kv: Option<&Vec<KeyValue>>) -> Result<u32, PartError> {
+    let recorded = kv
+        .into_iter()
+        .flatten()
+        .find(|e| e.key == META_CRC32)
+        .and_then(|e| e.value.as_deref())
+        .ok_or_else(|| PartError::corrupt(format!("missing {META_CRC32} metadata")))?;
+    u32::from_str_radix(recorded, 16)
+        .map_err(|_| PartError::corrupt(format!("invalid {META_CRC32} metadata {recorded:?}")))
+}
+
+/// Recomputes the checksum of the decoded updates and compares it with the
+/// one the writer recorded.
+fn check_checksum(part: &DecodedPart, recorded: u32) -> Result<(), PartError> {
+    let mut hasher = crc32fast::Hasher::new();
+    for (k, v, t, d) in part.iter() {
+        checksum_update(&mut hasher, k, v, t, d);
+    }
+    let computed = hasher.finalize();
+    if computed != recorded {
+        return Err(PartError::corrupt(format!(
+            "checksum mismatch: the updates hash to {computed:08x}, the writer recorded \
+             {recorded:08x} (the part's data changed since it was written)"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks the magic bytes and the footer length; returns where the footer

@@ -29,6 +29,14 @@
 //! | `persist.format` | the format version, currently `"1"` ([`FORMAT_VERSION`]) |
 //! | `persist.key_codec`, `persist.val_codec` | the `Codec` names of keys and vals |
 //! | `persist.ts_codec`, `persist.diff_codec` | the `Codec64` names of times and diffs |
+//! | `persist.crc32` | the CRC-32 of the updates, as 8 lowercase hex digits (see below) |
+//!
+//! Parquet has no end-to-end checksum: a flipped bit inside a compressed
+//! value can decode into a different value without any error. So the
+//! writer records a CRC-32 over the logical updates (for each row: the key's
+//! length as a little-endian `u64`, the key, the same for the val, then the
+//! time and diff bytes), and [`decode_part`] recomputes it over what it
+//! decoded and refuses a mismatch as corrupt.
 //!
 //! Writers produce one row group (parts are target-sized, a few MiB) of
 //! version-1 data pages, `PLAIN`-encoded and Snappy-compressed, with no
@@ -75,6 +83,24 @@ const META_VAL_CODEC: &str = "persist.val_codec";
 const META_TS_CODEC: &str = "persist.ts_codec";
 /// Metadata key of the diff codec name.
 const META_DIFF_CODEC: &str = "persist.diff_codec";
+/// The metadata key of the updates' checksum.
+const META_CRC32: &str = "persist.crc32";
+
+/// Feeds one update into a part checksum (see the module docs).
+fn checksum_update(
+    hasher: &mut crc32fast::Hasher,
+    key: &[u8],
+    val: &[u8],
+    time: [u8; 8],
+    diff: [u8; 8],
+) {
+    hasher.update(&(key.len() as u64).to_le_bytes());
+    hasher.update(key);
+    hasher.update(&(val.len() as u64).to_le_bytes());
+    hasher.update(val);
+    hasher.update(&time);
+    hasher.update(&diff);
+}
 
 /// Column names, in schema order.
 const COL_KEY: &str = "k";

@@ -246,8 +246,14 @@ fn every_truncation_is_rejected() {
 }
 
 /// Flips bytes at `positions` and decodes without the panic guard: each must
-/// be an error or a part whose every update can be read.
+/// be an error or a part whose every update can be read and equals the
+/// original's (the checksum refuses changed data).
 fn assert_flips_never_panic(bytes: &Bytes, positions: impl Iterator<Item = usize>) -> usize {
+    let original: Vec<_> = decode_unguarded(bytes.clone())
+        .unwrap()
+        .iter()
+        .map(|(k, v, t, d)| (k.to_vec(), v.to_vec(), t, d))
+        .collect();
     let mut decoded = 0;
     for pos in positions {
         for mask in [0x01u8, 0x10, 0x80, 0xff] {
@@ -256,6 +262,14 @@ fn assert_flips_never_panic(bytes: &Bytes, positions: impl Iterator<Item = usize
             if let Ok(part) = decode_unguarded(Bytes::from(corrupt)) {
                 decoded += 1;
                 let total: usize = part.iter().map(|(k, v, ..)| k.len() + v.len()).sum();
+                let updates: Vec<_> = part
+                    .iter()
+                    .map(|(k, v, t, d)| (k.to_vec(), v.to_vec(), t, d))
+                    .collect();
+                assert_eq!(
+                    updates, original,
+                    "flip at {pos} changed the data undetected"
+                );
                 assert!(
                     total <= bytes.len() * 64,
                     "flip at {pos} inflated to {total}"
@@ -270,8 +284,40 @@ fn assert_flips_never_panic(bytes: &Bytes, positions: impl Iterator<Item = usize
 fn byte_flips_in_a_small_part_never_panic() {
     let part = encode(&small_updates(5), &EncodeOptions::default());
     let decoded = assert_flips_never_panic(&part.bytes, 0..part.bytes.len());
-    // Flips inside values decode to other values; that is expected.
-    assert!(decoded > 0);
+    // Flips that still decode hit bytes that carry no updates (the writer's
+    // name, column statistics); the rest are refused.
+    assert!(decoded < part.bytes.len() * 4);
+}
+
+#[test]
+fn changed_values_are_caught_by_the_checksum() {
+    let part = encode(&small_updates(5), &EncodeOptions::default());
+    // Flips inside the compressed values decode cleanly as Parquet; only the
+    // checksum notices that the updates are not the ones written.
+    let caught = (4..part.bytes.len())
+        .filter(|&pos| {
+            let mut corrupt = part.bytes.to_vec();
+            corrupt[pos] ^= 0x01;
+            matches!(decode_part(Bytes::from(corrupt)), Err(PartError::Corrupt { reason }) if reason.contains("checksum mismatch"))
+        })
+        .count();
+    assert!(caught > 0, "no flip reached the checksum");
+}
+
+#[test]
+fn parts_without_a_checksum_are_refused() {
+    let mut metadata = persist_metadata("1");
+    metadata.retain(|kv| kv.key != "persist.crc32");
+    let err = decode_part(foreign_part(plain_props(metadata))).unwrap_err();
+    assert!(err.to_string().contains("missing persist.crc32"), "{err}");
+    let mut metadata = persist_metadata("1");
+    metadata.retain(|kv| kv.key != "persist.crc32");
+    metadata.push(KeyValue::new(
+        "persist.crc32".into(),
+        "00000000".to_string(),
+    ));
+    let err = decode_part(foreign_part(plain_props(metadata))).unwrap_err();
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
 }
 
 /// The number of pages in each column chunk of each row group.
@@ -327,8 +373,19 @@ fn write_parquet(batch: &RecordBatch, props: WriterProperties) -> Bytes {
     Bytes::from(writer.into_inner().unwrap())
 }
 
+/// The checksum of the rows [`foreign_part`] writes.
+fn foreign_crc() -> String {
+    let mut hasher = crc32fast::Hasher::new();
+    for _ in 0..2 {
+        super::super::checksum_update(&mut hasher, b"k", b"v", [1; 8], [2; 8]);
+    }
+    format!("{:08x}", hasher.finalize())
+}
+
 fn persist_metadata(version: &str) -> Vec<KeyValue> {
+    let crc = foreign_crc();
     [
+        ("persist.crc32", crc.as_str()),
         ("persist.format", version),
         ("persist.key_codec", "a"),
         ("persist.val_codec", "b"),
