@@ -301,15 +301,32 @@ mod tests {
         assert_eq!(handle.stats().determinate, 20);
     }
 
-    #[tokio::test]
-    async fn lost_requests_are_indeterminate_but_never_ran() {
+    /// A consensus with these fault probabilities, its handle, and the
+    /// backend underneath (to see what really happened); then the result of
+    /// one creating compare-and-set through it.
+    async fn one_faulty_cas(
+        seed: u64,
+        should_happen: f64,
+        should_timeout: f64,
+    ) -> (
+        MemConsensus,
+        UnreliableHandle,
+        UnreliableConsensus,
+        ExternalError,
+    ) {
         let inner = MemConsensus::new();
-        let handle = UnreliableHandle::new(11, 0.0, 1.0);
+        let handle = UnreliableHandle::new(seed, should_happen, should_timeout);
         let consensus = UnreliableConsensus::new(Arc::new(inner.clone()), handle.clone());
         let err = consensus
             .compare_and_set("k", None, entry(0))
             .await
             .unwrap_err();
+        (inner, handle, consensus, err)
+    }
+
+    #[tokio::test]
+    async fn lost_requests_are_indeterminate_but_never_ran() {
+        let (inner, handle, _, err) = one_faulty_cas(11, 0.0, 1.0).await;
         assert!(!err.is_determinate(), "{err}");
         assert_eq!(inner.head("k").await.unwrap(), None);
         assert_eq!(handle.stats().lost_requests, 1);
@@ -317,13 +334,7 @@ mod tests {
 
     #[tokio::test]
     async fn indeterminate_failures_may_have_happened() {
-        let inner = MemConsensus::new();
-        let handle = UnreliableHandle::new(7, 1.0, 1.0);
-        let consensus = UnreliableConsensus::new(Arc::new(inner.clone()), handle.clone());
-        let err = consensus
-            .compare_and_set("k", None, entry(0))
-            .await
-            .unwrap_err();
+        let (inner, handle, consensus, err) = one_faulty_cas(7, 1.0, 1.0).await;
         assert!(!err.is_determinate(), "{err}");
         // It did happen: the entry is there.
         assert_eq!(inner.head("k").await.unwrap(), Some(entry(0)));
