@@ -68,6 +68,35 @@ async fn sqlite_cas_race_across_processes() {
     cas_race_across_processes(&uri).await;
 }
 
+/// Processes that open a fresh SQLite database at the same moment all get
+/// it: switching to WAL and creating the schema race for the write lock,
+/// which SQLite refuses at once (not after the busy timeout) to all but one.
+#[test]
+fn sqlite_first_open_from_many_processes() {
+    const ROUNDS: usize = 20;
+    const WORKERS: usize = 8;
+    for round in 0..ROUNDS {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("sqlite://{}/consensus.db", dir.path().display());
+        let start = std::time::SystemTime::now() + Duration::from_millis(200);
+        let start = start.duration_since(std::time::UNIX_EPOCH).unwrap();
+        let children: Vec<Child> = (0..WORKERS)
+            .map(|w| {
+                Command::new(WORKER)
+                    .args(["cas", &uri, "first", &w.to_string(), "1", "1"])
+                    .env("BACKEND_WORKER_START_AT_MS", start.as_millis().to_string())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let mut child = child;
+            let status = child.wait().unwrap();
+            assert!(status.success(), "round {round}: a worker failed: {status}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn postgres_cas_race_across_processes() {
     let Some(uri) = testing::postgres_database().await else {

@@ -89,21 +89,69 @@ fn open_connection(path: &Path) -> Result<Connection, ExternalError> {
     // Before anything that locks: other processes may be opening it too.
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| sql_error(&context, e))?;
+    // Switching to WAL and creating the schema upgrade a shared lock to an
+    // exclusive one. When several processes do that at once SQLite answers
+    // one of them "busy" at once, without waiting (to avoid a deadlock), so
+    // the setup is retried until the busy timeout.
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match set_up(&conn, &context) {
+            Err(SetupError::Busy(err)) if std::time::Instant::now() < deadline => {
+                tracing::debug!(%context, %err, "sqlite busy during setup; retrying");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(SetupError::Busy(err)) => return Err(sql_error(&context, err)),
+            Err(SetupError::Other(err)) => return Err(err),
+            Ok(()) => return Ok(conn),
+        }
+    }
+}
+
+enum SetupError {
+    /// Another connection held a conflicting lock: worth retrying.
+    Busy(rusqlite::Error),
+    Other(ExternalError),
+}
+
+fn is_busy(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Enables WAL and full syncs and creates the schema; each step is
+/// idempotent, so a busy step can be retried from the start.
+fn set_up(conn: &Connection, context: &str) -> Result<(), SetupError> {
+    let fail = |err: rusqlite::Error| {
+        if is_busy(&err) {
+            SetupError::Busy(err)
+        } else {
+            SetupError::Other(sql_error(context, err))
+        }
+    };
     // The first statement reads the header: a file that is not a database is
     // rejected here, before anything writes to it.
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-        .map_err(|e| sql_error(&context, e))?;
+        .map_err(fail)?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(ExternalError::determinate(format!(
+        return Err(SetupError::Other(ExternalError::determinate(format!(
             "{context}: could not enable WAL mode (journal mode is {mode})"
-        )));
+        ))));
     }
     conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(|e| sql_error(&context, e))?;
-    conn.execute_batch(SCHEMA)
-        .map_err(|e| sql_error(&context, e))?;
-    Ok(conn)
+        .map_err(fail)?;
+    // Taking the write lock first makes concurrent creators queue on the
+    // busy timeout instead of failing a lock upgrade.
+    conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA}; COMMIT;"))
+        .map_err(|err| {
+            // Leave no transaction open behind a failed batch.
+            let _ = conn.execute_batch("ROLLBACK");
+            fail(err)
+        })
 }
 
 /// An error before commit: the transaction did not take effect.
@@ -115,11 +163,7 @@ fn sql_error(context: &str, err: rusqlite::Error) -> ExternalError {
 /// other failure (I/O, disk full) may come after the commit record reached
 /// the WAL, which recovery would replay, so the outcome is unknown.
 fn commit_error(context: &str, err: rusqlite::Error) -> ExternalError {
-    let locked = matches!(
-        err.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-    );
-    if locked {
+    if is_busy(&err) {
         ExternalError::determinate(chain(context, &err))
     } else {
         ExternalError::indeterminate(chain(context, &err))

@@ -5,6 +5,8 @@
 //! - `backend_worker blob <blob-uri> <key> <worker> <writes> <len>`: sets
 //!   `key` to this worker's payload `writes` times, checking every read back
 //!   is some writer's whole value.
+//!
+//! `BACKEND_WORKER_START_AT_MS` delays the start (see [`wait_for_start`]).
 
 use std::sync::Arc;
 
@@ -89,7 +91,22 @@ async fn run(args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// With `BACKEND_WORKER_START_AT_MS` (milliseconds since the Unix epoch)
+/// set, waits until then, so that processes started one after another begin
+/// their work at the same moment.
+async fn wait_for_start() -> Result<()> {
+    let Ok(at) = std::env::var("BACKEND_WORKER_START_AT_MS") else {
+        return Ok(());
+    };
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at.parse()?);
+    if let Ok(wait) = at.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
+    wait_for_start().await?;
     run(std::env::args().collect()).await
 }
