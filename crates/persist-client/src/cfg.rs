@@ -1,5 +1,6 @@
 //! Configuration of a [`PersistClient`](crate::PersistClient).
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Knobs of the client, with defaults suited to production.
@@ -30,6 +31,42 @@ impl Default for PersistConfig {
             blob_target_size: 8 << 20,
             initial_retry_backoff: Duration::from_millis(4),
             max_retry_backoff: Duration::from_secs(16),
+        }
+    }
+}
+
+/// A [`PersistConfig`] that can be changed while handles use it: every
+/// clone sees updates, and each operation reads the values current when it
+/// starts.
+#[derive(Debug, Clone, Default)]
+pub struct DynamicConfig(Arc<RwLock<PersistConfig>>);
+
+impl DynamicConfig {
+    /// A dynamic configuration starting at `cfg`.
+    pub fn new(cfg: PersistConfig) -> Self {
+        DynamicConfig(Arc::new(RwLock::new(cfg)))
+    }
+
+    /// The current values.
+    pub fn get(&self) -> PersistConfig {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Changes the values; operations that start afterwards see the change.
+    pub fn update(&self, change: impl FnOnce(&mut PersistConfig)) {
+        change(&mut self.0.write().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+impl PersistConfig {
+    /// Values for tests: short leases and retries, small parts.
+    pub fn new_for_tests() -> Self {
+        PersistConfig {
+            reader_lease_duration: Duration::from_secs(60),
+            writer_lease_duration: Duration::from_secs(60),
+            blob_target_size: 128 << 10,
+            initial_retry_backoff: Duration::from_millis(1),
+            max_retry_backoff: Duration::from_millis(50),
         }
     }
 }

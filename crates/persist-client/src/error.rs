@@ -111,3 +111,66 @@ pub struct UpperMismatch<T> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("as_of is not at or beyond the since {0:?}")]
 pub struct Since<T>(pub Antichain<T>);
+
+/// The shard's durable data cannot be used: its state or one of its parts
+/// is unreadable, or the shard is gone. Nothing durable was changed by the
+/// call that reports it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardError {
+    /// The shard's state cannot be interpreted: it was written by a newer
+    /// version, is corrupt, or contradicts what this process saw before.
+    #[error("shard {shard}: {reason}")]
+    State {
+        /// The shard.
+        shard: ShardId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A part the state references is missing from blob, corrupt, or not
+    /// a part of this shard's codecs.
+    #[error("shard {shard}: part {key}: {reason}")]
+    Part {
+        /// The shard.
+        shard: ShardId,
+        /// The part's blob key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The handle's lease lapsed (it did not heartbeat in time) and a later
+    /// state change expired it; its since hold is gone. Open a new handle.
+    #[error("shard {shard}: {handle} was expired")]
+    Expired {
+        /// The shard.
+        shard: ShardId,
+        /// The expired reader or writer.
+        handle: String,
+    },
+    /// The shard was finalized: it can no longer be read or written.
+    #[error("shard {shard} is finalized")]
+    Finalized {
+        /// The shard.
+        shard: ShardId,
+    },
+}
+
+/// Everything a handle operation can fail with, apart from the outcomes it
+/// returns as values (such as [`UpperMismatch`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError<T: Debug> {
+    /// The caller used the API wrongly.
+    #[error(transparent)]
+    InvalidUsage(#[from] InvalidUsage<T>),
+    /// A read at an `as_of` the shard can no longer serve.
+    #[error(transparent)]
+    Since(#[from] Since<T>),
+    /// The shard's durable data cannot be used.
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+}
+
+impl<T: Debug> From<CodecMismatch> for ClientError<T> {
+    fn from(mismatch: CodecMismatch) -> Self {
+        ClientError::InvalidUsage(InvalidUsage::CodecMismatch(Box::new(mismatch)))
+    }
+}

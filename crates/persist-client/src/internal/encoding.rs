@@ -32,7 +32,7 @@ use crate::internal::state::{
 };
 
 /// The encoding this code writes. Readers accept this and older ones.
-pub(crate) const ENCODING_VERSION: u32 = 1;
+pub(crate) const ENCODING_VERSION: u32 = 2;
 
 /// The version of the code writing state.
 const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -151,6 +151,10 @@ struct ProtoPart {
     key_lower: Vec<u8>,
     #[prost(bytes = "vec", optional, tag = "5")]
     key_upper: Option<Vec<u8>>,
+    #[prost(fixed64, tag = "6")]
+    ts_lower: u64,
+    #[prost(fixed64, tag = "7")]
+    ts_upper: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -293,6 +297,8 @@ pub(crate) fn encode_state<T: Timestamp + Codec64>(state: &State<T>) -> Bytes {
                         encoded_size_bytes: p.encoded_size_bytes,
                         key_lower: p.key_lower.clone(),
                         key_upper: p.key_upper.clone(),
+                        ts_lower: u64::from_le_bytes(p.ts_lower),
+                        ts_upper: u64::from_le_bytes(p.ts_upper),
                     })
                     .collect(),
                 len: b.len,
@@ -409,6 +415,8 @@ pub(crate) fn decode_state<T: Timestamp + Lattice + Codec64>(
                 encoded_size_bytes: p.encoded_size_bytes,
                 key_lower: p.key_lower,
                 key_upper: p.key_upper,
+                ts_lower: p.ts_lower.to_le_bytes(),
+                ts_upper: p.ts_upper.to_le_bytes(),
             })
             .collect();
         batches.push(HollowBatch {
@@ -493,6 +501,8 @@ mod tests {
             encoded_size_bytes: 100,
             key_lower: b"a".to_vec(),
             key_upper: Some(b"z".to_vec()),
+            ts_lower: Codec64::encode(&1u64),
+            ts_upper: Codec64::encode(&2u64),
         });
         batch.len = 2;
         let appended = state.compare_and_append(&batch, writer, IdempotencyToken::new(), 5, 1000);
@@ -535,8 +545,8 @@ mod tests {
         assert_eq!(
             err,
             StateDecodeError::NewerEncoding {
-                found: 2,
-                supported: 1
+                found: ENCODING_VERSION + 1,
+                supported: ENCODING_VERSION
             }
         );
 

@@ -10,7 +10,7 @@ use persist_types::{Codec64, ShardId};
 use timely::progress::Timestamp;
 use tokio::sync::watch;
 
-use crate::cfg::PersistConfig;
+use crate::cfg::{DynamicConfig, PersistConfig};
 use crate::error::{CodecMismatch, Codecs};
 use crate::internal::cache::{Cached, StateCache};
 use crate::internal::encoding::{StateDecodeError, decode_state, encode_state};
@@ -54,6 +54,24 @@ pub(crate) enum MachineError {
     },
 }
 
+impl<T: std::fmt::Debug> From<MachineError> for crate::error::ClientError<T> {
+    fn from(err: MachineError) -> Self {
+        match err {
+            MachineError::CodecMismatch(mismatch) => {
+                crate::error::InvalidUsage::CodecMismatch(mismatch).into()
+            }
+            MachineError::Decode { shard, source } => crate::error::ShardError::State {
+                shard,
+                reason: source.to_string(),
+            }
+            .into(),
+            MachineError::Inconsistent { shard, reason } => {
+                crate::error::ShardError::State { shard, reason }.into()
+            }
+        }
+    }
+}
+
 /// The latest known state of a shard, shared by every handle that opened it
 /// through the same machine, with a watch that fires whenever it advances.
 #[derive(Debug)]
@@ -67,7 +85,7 @@ struct SharedState<T> {
 pub(crate) struct Machine<T> {
     shard_id: ShardId,
     consensus: Arc<dyn Consensus>,
-    cfg: PersistConfig,
+    cfg: DynamicConfig,
     shared: Arc<SharedState<T>>,
 }
 
@@ -96,7 +114,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
     /// the shard if this process has it open already. Retries external
     /// failures.
     pub async fn open(
-        cfg: PersistConfig,
+        cfg: DynamicConfig,
         consensus: Arc<dyn Consensus>,
         cache: &StateCache,
         shard_id: ShardId,
@@ -132,7 +150,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
             Cached::Missing => {}
         }
         let key = shard_id.to_string();
-        let mut backoff = Backoff::new(&cfg);
+        let mut backoff = Backoff::new(&cfg.get());
         let state = loop {
             let head = match consensus.head(&key).await {
                 Ok(head) => head,
@@ -178,8 +196,8 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
     }
 
     /// The configuration the machine was opened with.
-    pub fn cfg(&self) -> &PersistConfig {
-        &self.cfg
+    pub fn cfg(&self) -> PersistConfig {
+        self.cfg.get()
     }
 
     /// The latest state this process has seen (possibly stale).
@@ -206,7 +224,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
     /// caches it, and returns it.
     pub async fn fetch_latest(&self) -> Result<Arc<State<T>>, MachineError> {
         let key = self.shard_id.to_string();
-        let mut backoff = Backoff::new(&self.cfg);
+        let mut backoff = Backoff::new(&self.cfg.get());
         loop {
             match self.consensus.head(&key).await {
                 Ok(Some(head)) => {
@@ -236,7 +254,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
         mut transition: impl FnMut(&mut State<T>, u64) -> Transition<R>,
     ) -> Result<(SeqNo, R), MachineError> {
         let key = self.shard_id.to_string();
-        let mut backoff = Backoff::new(&self.cfg);
+        let mut backoff = Backoff::new(&self.cfg.get());
         let mut refreshed = false;
         loop {
             let current = self.cached();
@@ -304,7 +322,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
     /// Whether consensus holds exactly `data` at `seqno` (retrying external
     /// failures).
     async fn head_is(&self, key: &str, seqno: &SeqNo, data: &[u8]) -> Result<bool, MachineError> {
-        let mut backoff = Backoff::new(&self.cfg);
+        let mut backoff = Backoff::new(&self.cfg.get());
         loop {
             match self.consensus.scan(key, *seqno, 1).await {
                 Ok(entries) => {
@@ -382,11 +400,11 @@ mod tests {
     use crate::internal::state::tests::codecs;
     use crate::internal::state::{CompareAndAppendBreak, HollowBatch};
 
-    fn cfg() -> PersistConfig {
-        PersistConfig {
+    fn cfg() -> DynamicConfig {
+        DynamicConfig::new(PersistConfig {
             initial_retry_backoff: Duration::from_millis(1),
             ..PersistConfig::default()
-        }
+        })
     }
 
     /// Opens `shard` as a new process would (with its own state cache).

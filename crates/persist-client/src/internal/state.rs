@@ -34,6 +34,12 @@ pub(crate) struct HollowPart {
     /// An upper bound on the encoded keys in the part (bytewise); `None`
     /// if unbounded.
     pub key_upper: Option<Vec<u8>>,
+    /// The meet (greatest lower bound) of the part's times, in their
+    /// `Codec64` form: every time in the part is at or beyond it.
+    pub ts_lower: [u8; 8],
+    /// The join (least upper bound) of the part's times, in their `Codec64`
+    /// form: every time in the part is at or before it.
+    pub ts_upper: [u8; 8],
 }
 
 /// A batch of updates whose times lie in `[desc.lower, desc.upper)`, stored
@@ -514,6 +520,8 @@ pub(crate) mod tests {
                 encoded_size_bytes: 10,
                 key_lower: vec![],
                 key_upper: Some(vec![0xff]),
+                ts_lower: lower.to_le_bytes(),
+                ts_upper: lower.to_le_bytes(),
             })
             .collect();
         batch.len = parts as u64;
