@@ -21,6 +21,14 @@ pub struct PersistConfig {
     pub initial_retry_backoff: Duration,
     /// The longest delay between retries of a failed external operation.
     pub max_retry_backoff: Duration,
+    /// The longest interval between polls of consensus by a reader or
+    /// writer waiting for a shard to change (polls start at 1 ms and
+    /// double). Changes made through this process are seen at once.
+    pub listen_poll_max: Duration,
+    /// The shortest interval between since downgrades by
+    /// `maybe_downgrade_since` (downgrades to the empty frontier are never
+    /// delayed).
+    pub since_downgrade_interval: Duration,
 }
 
 impl Default for PersistConfig {
@@ -31,6 +39,8 @@ impl Default for PersistConfig {
             blob_target_size: 8 << 20,
             initial_retry_backoff: Duration::from_millis(4),
             max_retry_backoff: Duration::from_secs(16),
+            listen_poll_max: Duration::from_millis(250),
+            since_downgrade_interval: Duration::from_secs(1),
         }
     }
 }
@@ -67,6 +77,8 @@ impl PersistConfig {
             blob_target_size: 128 << 10,
             initial_retry_backoff: Duration::from_millis(1),
             max_retry_backoff: Duration::from_millis(50),
+            listen_poll_max: Duration::from_millis(50),
+            since_downgrade_interval: Duration::ZERO,
         }
     }
 }

@@ -94,6 +94,24 @@ pub enum InvalidUsage<T: Debug> {
     /// The shard was opened with different codecs than it was created with.
     #[error(transparent)]
     CodecMismatch(Box<CodecMismatch>),
+    /// A critical reader was opened with an opaque token type other than
+    /// the one it was registered with.
+    #[error("critical reader uses opaque codec {actual:?}, not {requested:?}")]
+    OpaqueCodecMismatch {
+        /// The codec the caller asked for.
+        requested: String,
+        /// The codec the reader was registered with.
+        actual: String,
+    },
+    /// A shard can be finalized only once its since and upper are both the
+    /// empty frontier.
+    #[error("cannot finalize a shard with since {since:?} and upper {upper:?}: both must be empty")]
+    FinalizationError {
+        /// The shard's since.
+        since: Antichain<T>,
+        /// The shard's upper.
+        upper: Antichain<T>,
+    },
 }
 
 /// The shard's upper was not the expected one, so nothing was appended.

@@ -100,6 +100,13 @@ impl<T> Clone for Machine<T> {
     }
 }
 
+impl<T> Machine<T> {
+    /// The shard this machine applies transitions to.
+    pub fn shard_id(&self) -> ShardId {
+        self.shard_id
+    }
+}
+
 /// Milliseconds since the Unix epoch by the wall clock.
 pub(crate) fn now_ms() -> u64 {
     let since_epoch = SystemTime::now()
@@ -190,14 +197,14 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
         }
     }
 
-    /// The shard this machine applies transitions to.
-    pub fn shard_id(&self) -> ShardId {
-        self.shard_id
-    }
-
     /// The configuration the machine was opened with.
     pub fn cfg(&self) -> PersistConfig {
         self.cfg.get()
+    }
+
+    /// The live configuration the machine reads its knobs from.
+    pub fn dyn_cfg(&self) -> &DynamicConfig {
+        &self.cfg
     }
 
     /// The latest state this process has seen (possibly stale).
@@ -237,6 +244,28 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
                 // a caller opened the machine on a different consensus.
                 Ok(None) => return Ok(self.cached()),
                 Err(err) => backoff.wait("read state", self.shard_id, &err).await,
+            }
+        }
+    }
+
+    /// Waits until this process sees a state newer than `seen`: written by
+    /// a handle in this process (noticed at once) or found by polling
+    /// consensus, at intervals from `poll` doubling up to the configured
+    /// maximum. Cancel-safe: dropping the future only stops waiting.
+    pub async fn wait_for_newer(&self, seen: SeqNo) -> Result<Arc<State<T>>, MachineError> {
+        let mut watch = self.watch();
+        let mut poll = Duration::from_millis(1);
+        loop {
+            let latest = self.cached();
+            if latest.seqno > seen {
+                return Ok(latest);
+            }
+            tokio::select! {
+                _ = watch.changed() => {}
+                _ = tokio::time::sleep(poll) => {
+                    poll = (poll * 2).min(self.cfg.get().listen_poll_max);
+                    self.fetch_latest().await?;
+                }
             }
         }
     }

@@ -3,6 +3,8 @@
 
 pub(crate) mod cache;
 pub(crate) mod encoding;
+pub(crate) mod heartbeat;
+pub(crate) mod inspect;
 pub(crate) mod machine;
 pub(crate) mod part;
 pub(crate) mod state;

@@ -189,6 +189,31 @@ impl<T: Timestamp + Lattice> State<T> {
         self.since.is_empty() && self.upper.is_empty()
     }
 
+    /// Whether the shard was finalized: closed for good and emptied of
+    /// data and handles, so no state references any blob of it.
+    pub fn is_finalized(&self) -> bool {
+        self.is_tombstone()
+            && self.batches.iter().all(|b| b.parts.is_empty())
+            && self.writers.is_empty()
+            && self.leased_readers.is_empty()
+            && self.critical_readers.is_empty()
+    }
+
+    /// Empties a tombstone of its batches and handles. Returns whether
+    /// anything changed; the caller has checked [`State::is_tombstone`].
+    pub fn finalize(&mut self) -> bool {
+        let changed = !self.is_finalized();
+        // One empty batch keeps the batches spanning [minimum, upper).
+        self.batches = vec![HollowBatch::empty(
+            Antichain::from_elem(T::minimum()),
+            self.upper.clone(),
+        )];
+        self.writers.clear();
+        self.leased_readers.clear();
+        self.critical_readers.clear();
+        changed
+    }
+
     /// Registers (or refreshes) a writer and returns the shard's upper.
     pub fn register_writer(
         &mut self,
@@ -260,6 +285,25 @@ impl<T: Timestamp + Lattice> State<T> {
             _ => self.batches.push(batch.clone()),
         }
         Ok(())
+    }
+
+    /// The blob keys of every part state references.
+    pub fn part_keys(&self) -> std::collections::BTreeSet<String> {
+        self.batches
+            .iter()
+            .flat_map(|b| b.parts.iter().map(|p| p.key.clone()))
+            .collect()
+    }
+
+    /// The smallest SeqNo a leased reader holds a lease on, or this state's
+    /// SeqNo if none does: states from it on must stay readable.
+    pub fn seqno_since(&self) -> SeqNo {
+        self.leased_readers
+            .values()
+            .map(|r| r.seqno)
+            .min()
+            .unwrap_or(self.seqno)
+            .min(self.seqno)
     }
 
     /// Whether any part of `batch` is referenced by a batch in state.
@@ -464,19 +508,21 @@ impl<T: Timestamp + Lattice> State<T> {
         as_of.elements().iter().all(|t| !self.upper.less_equal(t))
     }
 
-    /// The batch a listener at `frontier` reads next: the one starting at
-    /// `frontier`, or `None` if none has been appended there yet.
+    /// The index of the batch a listener at `frontier` reads next: the one
+    /// whose `[lower, upper)` contains `frontier`, or `None` if the shard's
+    /// upper is not yet beyond it.
     ///
     /// A listener moves from batch boundary to batch boundary, starting at
-    /// the first batch's lower (the minimum time, or the since after
-    /// compaction) and keeping the updates not at or before its `as_of`.
-    /// Starting at the `as_of` itself is not possible in general: with
-    /// partially ordered times an `as_of` need not lie in any one batch.
-    pub fn next_listen_batch(&self, frontier: &Antichain<T>) -> Option<HollowBatch<T>> {
-        self.batches
-            .iter()
-            .find(|b| b.desc.lower() == frontier)
-            .cloned()
+    /// the minimum time and keeping the updates not at or before its
+    /// `as_of`: with partially ordered times an `as_of` need not lie in any
+    /// one batch. (Containment rather than equality of the lower, because
+    /// consecutive empty batches are merged after a listener may have
+    /// passed their first boundary.)
+    pub fn next_listen_batch(&self, frontier: &Antichain<T>) -> Option<usize> {
+        self.batches.iter().position(|b| {
+            PartialOrder::less_equal(b.desc.lower(), frontier)
+                && PartialOrder::less_than(frontier, b.desc.upper())
+        })
     }
 }
 
@@ -778,11 +824,15 @@ pub(crate) mod tests {
         }
         let upper = |f: u64| {
             s.next_listen_batch(&frontier(f))
-                .map(|b| b.desc.upper().clone())
+                .map(|i| s.batches[i].desc.upper().clone())
         };
         assert_eq!(upper(0), Some(frontier(2)));
         assert_eq!(upper(2), Some(frontier(4)));
-        assert_eq!(upper(1), None, "listeners move between batch boundaries");
+        assert_eq!(
+            upper(1),
+            Some(frontier(2)),
+            "the batch containing the frontier"
+        );
         assert_eq!(upper(4), None, "not yet written");
     }
 
@@ -821,9 +871,9 @@ pub(crate) mod tests {
         let first = s
             .next_listen_batch(&Antichain::from_elem(T::minimum()))
             .unwrap();
-        assert_eq!(first.desc.upper(), &f(2, 2));
-        let second = s.next_listen_batch(first.desc.upper()).unwrap();
-        assert_eq!(second.desc.upper(), &upper);
+        assert_eq!(s.batches[first].desc.upper(), &f(2, 2));
+        let second = s.next_listen_batch(&f(2, 2)).unwrap();
+        assert_eq!(s.batches[second].desc.upper(), &upper);
         assert_eq!(s.next_listen_batch(&upper), None);
         // (1, 1) only needs the first batch; (2, 2) needs both.
         assert_eq!(s.snapshot(&f(1, 1)).unwrap().len(), 1);

@@ -1,0 +1,466 @@
+//! The entry point: a client of one location (blob + consensus), opening
+//! handles on its shards.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use differential_dataflow::difference::Semigroup;
+use differential_dataflow::lattice::Lattice;
+use persist::mem::{MemBlob, MemConsensus};
+use persist::{Blob, Consensus, OpenError, open_blob, open_consensus};
+use persist_types::{Codec, Codec64, Opaque, PersistLocation, ShardId};
+use timely::progress::Timestamp;
+
+use crate::cfg::{DynamicConfig, PersistConfig};
+use crate::critical::SinceHandle;
+use crate::error::{ClientError, InvalidUsage, ShardError};
+use crate::fetch::{BatchFetcher, PartReader};
+use crate::ids::{CriticalReaderId, LeasedReaderId, WriterId};
+use crate::internal::cache::StateCache;
+use crate::internal::encoding::decode_state;
+use crate::internal::inspect::state_json;
+use crate::internal::machine::{Backoff, Machine, Transition};
+use crate::internal::part::codecs_of;
+use crate::read::{ReadHandle, open_reader};
+use crate::write::{WriteHandle, duration_ms, expire_writer_on_drop, start_heartbeats};
+
+/// The critical reader id by convention used by the controller that owns a
+/// shard's since.
+pub const CONTROLLER_CRITICAL_SINCE: CriticalReaderId = CriticalReaderId([0; 16]);
+
+/// What a handle is for, recorded in state to help operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostics {
+    /// A human-readable name of the shard (a collection's name, say).
+    pub shard_name: String,
+    /// What the handle is used for.
+    pub handle_purpose: String,
+}
+
+impl Diagnostics {
+    /// Diagnostics naming only the handle's purpose.
+    pub fn from_purpose(handle_purpose: &str) -> Self {
+        Diagnostics {
+            shard_name: "unknown".to_owned(),
+            handle_purpose: handle_purpose.to_owned(),
+        }
+    }
+
+    /// Diagnostics for tests.
+    pub fn for_tests() -> Self {
+        Diagnostics {
+            shard_name: "test-shard".to_owned(),
+            handle_purpose: "tests".to_owned(),
+        }
+    }
+
+    fn purpose(&self) -> String {
+        format!("{}: {}", self.shard_name, self.handle_purpose)
+    }
+}
+
+/// A client of one persist location. Cheap to clone; clones share the
+/// connections, the configuration and the per-process state cache, so
+/// every handle of a shard opened through them sees the others' changes at
+/// once.
+#[derive(Clone)]
+pub struct PersistClient {
+    cfg: DynamicConfig,
+    blob: Arc<dyn Blob>,
+    consensus: Arc<dyn Consensus>,
+    cache: Arc<StateCache>,
+}
+
+impl Debug for PersistClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersistClient")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PersistClient {
+    /// A client of `blob` and `consensus`, which must be one location's
+    /// (the blob holding the parts the consensus state references).
+    pub fn new(cfg: PersistConfig, blob: Arc<dyn Blob>, consensus: Arc<dyn Consensus>) -> Self {
+        PersistClient {
+            cfg: DynamicConfig::new(cfg),
+            blob,
+            consensus,
+            cache: Arc::new(StateCache::default()),
+        }
+    }
+
+    /// A client of a fresh in-memory location with test settings.
+    pub async fn new_for_tests() -> Self {
+        PersistClient::new(
+            PersistConfig::new_for_tests(),
+            Arc::new(MemBlob::new()),
+            Arc::new(MemConsensus::new()),
+        )
+    }
+
+    /// The live configuration: changes apply to operations that start
+    /// afterwards, on every handle of this client.
+    pub fn cfg(&self) -> &DynamicConfig {
+        &self.cfg
+    }
+
+    /// The blob store of this client's location.
+    pub fn blob(&self) -> &Arc<dyn Blob> {
+        &self.blob
+    }
+
+    /// The consensus store of this client's location.
+    pub fn consensus(&self) -> &Arc<dyn Consensus> {
+        &self.consensus
+    }
+
+    async fn machine<K: Codec, V: Codec, T, D: Codec64>(
+        &self,
+        shard_id: ShardId,
+    ) -> Result<Machine<T>, ClientError<T>>
+    where
+        T: Timestamp + Lattice + Codec64 + Sync,
+    {
+        let codecs = codecs_of::<K, V, T, D>();
+        Ok(Machine::open(
+            self.cfg.clone(),
+            Arc::clone(&self.consensus),
+            &self.cache,
+            shard_id,
+            codecs,
+        )
+        .await?)
+    }
+
+    fn part_reader<T: Timestamp + Lattice + Codec64 + Sync>(
+        &self,
+        machine: &Machine<T>,
+    ) -> PartReader {
+        PartReader {
+            shard_id: machine.shard_id(),
+            blob: Arc::clone(&self.blob),
+            cfg: self.cfg.clone(),
+            codecs: machine.cached().codecs.clone(),
+        }
+    }
+
+    /// Opens a writer and a leased reader of `shard_id`, creating the shard
+    /// (with these codecs) if it does not exist.
+    ///
+    /// Fails with `CodecMismatch` if the shard exists with other codecs,
+    /// with [`ShardError::Finalized`] if it was finalized, and with a shard
+    /// error if its state cannot be read.
+    pub async fn open<K, V, T, D>(
+        &self,
+        shard_id: ShardId,
+        key_schema: Arc<K::Schema>,
+        val_schema: Arc<V::Schema>,
+        diagnostics: Diagnostics,
+    ) -> Result<(WriteHandle<K, V, T, D>, ReadHandle<K, V, T, D>), ClientError<T>>
+    where
+        K: Codec,
+        V: Codec,
+        T: Timestamp + Lattice + Codec64 + Sync,
+        D: Semigroup + Codec64 + Send + Sync,
+    {
+        let writer = self
+            .open_writer(
+                shard_id,
+                Arc::clone(&key_schema),
+                Arc::clone(&val_schema),
+                diagnostics.clone(),
+            )
+            .await?;
+        let reader = self
+            .open_leased_reader(shard_id, key_schema, val_schema, diagnostics)
+            .await?;
+        Ok((writer, reader))
+    }
+
+    /// Opens a leased reader of `shard_id` holding the shard's current since
+    /// (creating the shard if needed; errors as for [`PersistClient::open`]).
+    pub async fn open_leased_reader<K, V, T, D>(
+        &self,
+        shard_id: ShardId,
+        key_schema: Arc<K::Schema>,
+        val_schema: Arc<V::Schema>,
+        diagnostics: Diagnostics,
+    ) -> Result<ReadHandle<K, V, T, D>, ClientError<T>>
+    where
+        K: Codec,
+        V: Codec,
+        T: Timestamp + Lattice + Codec64 + Sync,
+        D: Semigroup + Codec64 + Send + Sync,
+    {
+        let machine = self.machine::<K, V, T, D>(shard_id).await?;
+        let reader = self.part_reader(&machine);
+        open_reader(
+            &machine,
+            reader,
+            LeasedReaderId::new(),
+            &diagnostics.purpose(),
+            key_schema,
+            val_schema,
+        )
+        .await
+    }
+
+    /// Opens a writer of `shard_id` (creating the shard if needed; errors
+    /// as for [`PersistClient::open`]).
+    pub async fn open_writer<K, V, T, D>(
+        &self,
+        shard_id: ShardId,
+        key_schema: Arc<K::Schema>,
+        val_schema: Arc<V::Schema>,
+        diagnostics: Diagnostics,
+    ) -> Result<WriteHandle<K, V, T, D>, ClientError<T>>
+    where
+        K: Codec,
+        V: Codec,
+        T: Timestamp + Lattice + Codec64 + Sync,
+        D: Semigroup + Codec64 + Send + Sync,
+    {
+        let machine = self.machine::<K, V, T, D>(shard_id).await?;
+        let writer_id = WriterId::new();
+        let lease_ms = duration_ms(self.cfg.get().writer_lease_duration);
+        let purpose = diagnostics.purpose();
+        let (_, upper) = machine
+            .apply(|state, now| {
+                if state.is_tombstone() {
+                    return Transition::Refuse(None);
+                }
+                state.expire_lapsed(now);
+                Transition::Write(Some(
+                    state.register_writer(writer_id, &purpose, now, lease_ms),
+                ))
+            })
+            .await?;
+        let upper = upper.ok_or(ShardError::Finalized { shard: shard_id })?;
+        let heartbeat = start_heartbeats(&machine, writer_id);
+        let expire_on_drop = expire_writer_on_drop(&machine, writer_id);
+        Ok(WriteHandle {
+            machine,
+            blob: Arc::clone(&self.blob),
+            writer_id,
+            key_schema,
+            val_schema,
+            upper,
+            heartbeat: Some(heartbeat),
+            expired: false,
+            expire_on_drop: Some(expire_on_drop),
+            _phantom: PhantomData,
+        })
+    }
+
+    /// Opens the critical since handle `reader_id` of `shard_id`,
+    /// registering it (at the shard's since, with [`Opaque::initial`] as
+    /// its token) if it does not exist.
+    ///
+    /// Fails with `OpaqueCodecMismatch` if the reader exists with another
+    /// token type, besides the errors of [`PersistClient::open`].
+    pub async fn open_critical_since<K, V, T, D, O>(
+        &self,
+        shard_id: ShardId,
+        reader_id: CriticalReaderId,
+        diagnostics: Diagnostics,
+    ) -> Result<SinceHandle<K, V, T, D, O>, ClientError<T>>
+    where
+        K: Codec,
+        V: Codec,
+        T: Timestamp + Lattice + Codec64 + Sync,
+        D: Semigroup + Codec64 + Send + Sync,
+        O: Opaque + Codec64,
+    {
+        let machine = self.machine::<K, V, T, D>(shard_id).await?;
+        let purpose = diagnostics.purpose();
+        let initial = O::initial().encode();
+        let codec = O::codec_name();
+        let (_, registered) = machine
+            .apply(|state, _| {
+                if state.is_tombstone() && !state.critical_readers.contains_key(&reader_id) {
+                    return Transition::Refuse(Err(None));
+                }
+                let known = state.critical_readers.contains_key(&reader_id);
+                match state.register_critical_reader(reader_id, &purpose, initial, &codec) {
+                    Ok(registered) if known => Transition::Skip(Ok(registered)),
+                    Ok(registered) => Transition::Write(Ok(registered)),
+                    Err(actual) => Transition::Refuse(Err(Some(actual))),
+                }
+            })
+            .await?;
+        match registered {
+            Ok((since, opaque)) => Ok(SinceHandle {
+                machine,
+                reader_id,
+                since,
+                opaque: O::decode(opaque),
+                last_downgrade: None,
+                _phantom: PhantomData,
+            }),
+            Err(Some(actual)) => Err(InvalidUsage::OpaqueCodecMismatch {
+                requested: codec,
+                actual,
+            }
+            .into()),
+            Err(None) => Err(ShardError::Finalized { shard: shard_id }.into()),
+        }
+    }
+
+    /// A fetcher of `shard_id`'s parts, for workers that receive parts
+    /// leased by a reader elsewhere. Holds no since and no lease.
+    pub async fn create_batch_fetcher<K, V, T, D>(
+        &self,
+        shard_id: ShardId,
+        key_schema: Arc<K::Schema>,
+        val_schema: Arc<V::Schema>,
+        _diagnostics: Diagnostics,
+    ) -> Result<BatchFetcher<K, V, T, D>, ClientError<T>>
+    where
+        K: Codec,
+        V: Codec,
+        T: Timestamp + Lattice + Codec64 + Sync,
+        D: Semigroup + Codec64 + Send + Sync,
+    {
+        let machine = self.machine::<K, V, T, D>(shard_id).await?;
+        Ok(BatchFetcher {
+            reader: self.part_reader(&machine),
+            key_schema,
+            val_schema,
+            _phantom: PhantomData,
+        })
+    }
+
+    /// Whether `shard_id` was finalized by [`PersistClient::finalize_shard`].
+    pub async fn is_finalized<K, V, T, D>(
+        &self,
+        shard_id: ShardId,
+        _diagnostics: Diagnostics,
+    ) -> Result<bool, ClientError<T>>
+    where
+        K: Codec,
+        V: Codec,
+        T: Timestamp + Lattice + Codec64 + Sync,
+        D: Semigroup + Codec64 + Send + Sync,
+    {
+        let machine = self.machine::<K, V, T, D>(shard_id).await?;
+        Ok(machine.fetch_latest().await?.is_finalized())
+    }
+
+    /// Finalizes `shard_id`: removes every handle and batch from its state
+    /// (leaving a small tombstone, so opening it again reports it as
+    /// finalized) and deletes all its blobs. Allowed only once the shard's
+    /// since and upper are both empty (`FinalizationError` otherwise), so
+    /// no one can read or write it any more. Idempotent: a retry after a
+    /// failure finishes the job.
+    pub async fn finalize_shard<K, V, T, D>(
+        &self,
+        shard_id: ShardId,
+        _diagnostics: Diagnostics,
+    ) -> Result<(), ClientError<T>>
+    where
+        K: Codec,
+        V: Codec,
+        T: Timestamp + Lattice + Codec64 + Sync,
+        D: Semigroup + Codec64 + Send + Sync,
+    {
+        let machine = self.machine::<K, V, T, D>(shard_id).await?;
+        let (_, result) = machine
+            .apply(|state, _| {
+                if !state.is_tombstone() {
+                    return Transition::Refuse(Err((state.since.clone(), state.upper.clone())));
+                }
+                if state.finalize() {
+                    Transition::Write(Ok(()))
+                } else {
+                    Transition::Skip(Ok(()))
+                }
+            })
+            .await?;
+        if let Err((since, upper)) = result {
+            return Err(InvalidUsage::FinalizationError { since, upper }.into());
+        }
+        // No state references the shard's blobs any more.
+        let prefix = format!("{shard_id}/");
+        let mut backoff = Backoff::new(&self.cfg.get());
+        let keys = loop {
+            let mut keys = Vec::new();
+            match self
+                .blob
+                .list_keys_and_metadata(&prefix, &mut |m| keys.push(m.key))
+                .await
+            {
+                Ok(()) => break keys,
+                Err(err) => backoff.wait("list blobs", shard_id, &err).await,
+            }
+        };
+        for key in keys {
+            let mut backoff = Backoff::new(&self.cfg.get());
+            while let Err(err) = self.blob.delete(&key).await {
+                backoff.wait("delete blob", shard_id, &err).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The shard's latest state as JSON (frontiers, batches with their
+    /// parts, readers, writers), for debugging and `persistcli inspect`.
+    /// Does not create the shard: a missing shard is `Ok(None)`.
+    pub async fn inspect_shard<T>(
+        &self,
+        shard_id: ShardId,
+    ) -> Result<Option<serde_json::Value>, ClientError<T>>
+    where
+        T: Timestamp + Lattice + Codec64 + Sync,
+    {
+        let mut backoff = Backoff::new(&self.cfg.get());
+        let head = loop {
+            match self.consensus.head(&shard_id.to_string()).await {
+                Ok(head) => break head,
+                Err(err) => backoff.wait("read state", shard_id, &err).await,
+            }
+        };
+        let Some(head) = head else { return Ok(None) };
+        let state = decode_state::<T>(shard_id, &head.data).map_err(|e| ShardError::State {
+            shard: shard_id,
+            reason: e.to_string(),
+        })?;
+        Ok(Some(state_json(&state)))
+    }
+}
+
+/// One [`PersistClient`] per location for the whole process, so that all
+/// handles of a shard share one state cache and one set of connections.
+#[derive(Debug, Default)]
+pub struct PersistClientCache {
+    cfg: PersistConfig,
+    clients: tokio::sync::Mutex<HashMap<PersistLocation, PersistClient>>,
+}
+
+impl PersistClientCache {
+    /// A cache whose clients start with `cfg`.
+    pub fn new(cfg: PersistConfig) -> Self {
+        PersistClientCache {
+            cfg,
+            clients: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The client of `location`, connecting on first use. Fails with the
+    /// backend's [`OpenError`] (bad URI, unreachable server, missing
+    /// bucket); nothing is cached then.
+    pub async fn open(&self, location: PersistLocation) -> Result<PersistClient, OpenError> {
+        let mut clients = self.clients.lock().await;
+        if let Some(client) = clients.get(&location) {
+            return Ok(client.clone());
+        }
+        let blob = open_blob(&location.blob_uri).await?;
+        let consensus = open_consensus(&location.consensus_uri).await?;
+        let client = PersistClient::new(self.cfg.clone(), blob, consensus);
+        clients.insert(location, client.clone());
+        Ok(client)
+    }
+}

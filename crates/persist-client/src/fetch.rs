@@ -1,0 +1,434 @@
+//! Reading parts: the leases readers hand out, their exchangeable form, and
+//! fetching and filtering a part's updates.
+
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use differential_dataflow::consolidation::consolidate_updates;
+use differential_dataflow::difference::Semigroup;
+use differential_dataflow::lattice::Lattice;
+use differential_dataflow::trace::Description;
+use persist::part::{DecodedPart, PartStats, decode_part};
+use persist::{Blob, SeqNo};
+use persist_types::{Codec, Codec64, ShardId};
+use serde::{Deserialize, Serialize};
+use timely::PartialOrder;
+use timely::progress::{Antichain, Timestamp};
+
+use crate::cfg::DynamicConfig;
+use crate::error::{ClientError, Codecs, InvalidUsage, ShardError};
+use crate::ids::LeasedReaderId;
+use crate::internal::machine::Backoff;
+use crate::internal::part::check_codecs;
+use crate::internal::state::HollowPart;
+
+/// Which of a part's updates a reader keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FetchFilter<T> {
+    /// Updates at times at or before `as_of`, with times advanced to it.
+    Snapshot {
+        /// The snapshot's as_of.
+        as_of: Antichain<T>,
+    },
+    /// Updates at times not at or before `as_of`, times unchanged.
+    Listen {
+        /// The listen's as_of.
+        as_of: Antichain<T>,
+    },
+}
+
+impl<T: Timestamp + Lattice> FetchFilter<T> {
+    /// Whether `t` (inside the batch's description) is kept, advancing it
+    /// as the filter says.
+    fn keep(&self, t: &mut T) -> bool {
+        match self {
+            FetchFilter::Snapshot { as_of } => {
+                // An empty as_of (the end of time) covers every time.
+                let keep = as_of.is_empty() || not_beyond(t, as_of);
+                if keep {
+                    t.advance_by(as_of.borrow());
+                }
+                keep
+            }
+            FetchFilter::Listen { as_of } => !as_of.is_empty() && !not_beyond(t, as_of),
+        }
+    }
+
+    /// Whether a part whose times lie between `lower` (their meet) and
+    /// `upper` (their join) may hold an update this filter keeps.
+    fn may_keep_part(&self, lower: &T, upper: &T) -> bool {
+        match self {
+            FetchFilter::Snapshot { as_of } => as_of.is_empty() || not_beyond(lower, as_of),
+            FetchFilter::Listen { as_of } => !as_of.is_empty() && !not_beyond(upper, as_of),
+        }
+    }
+}
+
+/// Whether `t` is at or before some element of `frontier`.
+pub(crate) fn not_beyond<T: PartialOrder>(t: &T, frontier: &Antichain<T>) -> bool {
+    frontier.elements().iter().any(|a| t.less_equal(a))
+}
+
+/// One part of a batch, handed out by a [`ReadHandle`](crate::ReadHandle)
+/// under a lease on the state it came from.
+///
+/// While the lease is outstanding the part stays readable (garbage
+/// collection keeps the state's blobs). Give it back with
+/// [`ReadHandle::process_returned_leased_part`](crate::ReadHandle::process_returned_leased_part)
+/// once fetched; a part that is never returned holds the reader's SeqNo
+/// lease until the reader expires.
+#[derive(Debug)]
+pub struct LeasedBatchPart<T> {
+    pub(crate) shard_id: ShardId,
+    pub(crate) reader_id: Option<LeasedReaderId>,
+    /// The state version the part was leased at, if leased.
+    pub leased_seqno: Option<SeqNo>,
+    pub(crate) desc: Description<T>,
+    pub(crate) part: HollowPart,
+    pub(crate) filter: FetchFilter<T>,
+}
+
+impl<T: Timestamp + Lattice + Codec64> LeasedBatchPart<T> {
+    /// The shard the part belongs to.
+    pub fn shard_id(&self) -> ShardId {
+        self.shard_id
+    }
+
+    /// The part's statistics: update count, size, key bounds.
+    pub fn stats(&self) -> PartStats {
+        part_stats(&self.part)
+    }
+
+    /// The size of the part in blob, in bytes.
+    pub fn encoded_size_bytes(&self) -> u64 {
+        self.part.encoded_size_bytes
+    }
+
+    /// Whether fetching the part may yield any update (its time bounds say
+    /// whether any time passes the reader's filter).
+    pub(crate) fn may_have_updates(&self) -> bool {
+        self.filter.may_keep_part(
+            &T::decode(self.part.ts_lower),
+            &T::decode(self.part.ts_upper),
+        )
+    }
+
+    /// The serializable form, to send the part to another worker or
+    /// process. The lease travels with it: the receiver fetches it and the
+    /// part must come back to the reader that leased it (through
+    /// [`LeasedBatchPart::from_exchangeable`]) to release the lease.
+    pub fn into_exchangeable_part(self) -> SerdeLeasedBatchPart {
+        let (as_of, listen) = match &self.filter {
+            FetchFilter::Snapshot { as_of } => (as_of, false),
+            FetchFilter::Listen { as_of } => (as_of, true),
+        };
+        SerdeLeasedBatchPart {
+            shard_id: self.shard_id,
+            reader_id: self.reader_id,
+            leased_seqno: self.leased_seqno.map(|s| s.0),
+            lower: encode_frontier(self.desc.lower()),
+            upper: encode_frontier(self.desc.upper()),
+            since: encode_frontier(self.desc.since()),
+            key: self.part.key.clone(),
+            len: self.part.len,
+            encoded_size_bytes: self.part.encoded_size_bytes,
+            key_lower: self.part.key_lower.clone(),
+            key_upper: self.part.key_upper.clone(),
+            ts_lower: self.part.ts_lower,
+            ts_upper: self.part.ts_upper,
+            as_of: encode_frontier(as_of),
+            listen,
+        }
+    }
+
+    /// Rebuilds a part from its exchangeable form.
+    pub fn from_exchangeable(x: SerdeLeasedBatchPart) -> Self {
+        let as_of = decode_frontier(&x.as_of);
+        LeasedBatchPart {
+            shard_id: x.shard_id,
+            reader_id: x.reader_id,
+            leased_seqno: x.leased_seqno.map(SeqNo),
+            desc: Description::new(
+                decode_frontier(&x.lower),
+                decode_frontier(&x.upper),
+                decode_frontier(&x.since),
+            ),
+            part: HollowPart {
+                key: x.key,
+                len: x.len,
+                encoded_size_bytes: x.encoded_size_bytes,
+                key_lower: x.key_lower,
+                key_upper: x.key_upper,
+                ts_lower: x.ts_lower,
+                ts_upper: x.ts_upper,
+            },
+            filter: if x.listen {
+                FetchFilter::Listen { as_of }
+            } else {
+                FetchFilter::Snapshot { as_of }
+            },
+        }
+    }
+}
+
+fn encode_frontier<T: Codec64>(frontier: &Antichain<T>) -> Vec<[u8; 8]> {
+    frontier.elements().iter().map(Codec64::encode).collect()
+}
+
+fn decode_frontier<T: Timestamp + Codec64>(elements: &[[u8; 8]]) -> Antichain<T> {
+    Antichain::from_iter(elements.iter().map(|e| T::decode(*e)))
+}
+
+pub(crate) fn part_stats(part: &HollowPart) -> PartStats {
+    PartStats {
+        len: part.len,
+        encoded_size_bytes: part.encoded_size_bytes,
+        key_lower: part.key_lower.clone(),
+        key_upper: part.key_upper.clone(),
+    }
+}
+
+/// The serializable form of a [`LeasedBatchPart`] (times in their
+/// `Codec64` bytes), for exchanging parts between workers and processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerdeLeasedBatchPart {
+    shard_id: ShardId,
+    reader_id: Option<LeasedReaderId>,
+    leased_seqno: Option<u64>,
+    lower: Vec<[u8; 8]>,
+    upper: Vec<[u8; 8]>,
+    since: Vec<[u8; 8]>,
+    key: String,
+    len: u64,
+    encoded_size_bytes: u64,
+    key_lower: Vec<u8>,
+    key_upper: Option<Vec<u8>>,
+    ts_lower: [u8; 8],
+    ts_upper: [u8; 8],
+    as_of: Vec<[u8; 8]>,
+    listen: bool,
+}
+
+impl SerdeLeasedBatchPart {
+    /// The encoded size of the part in blob, in bytes (useful to balance
+    /// parts across workers without decoding them).
+    pub fn encoded_size_bytes(&self) -> u64 {
+        self.encoded_size_bytes
+    }
+
+    /// The part's blob key, unique within its shard: a stable way to pick
+    /// the worker that fetches it.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// One update as readers receive it: key and value decoding may fail (the
+/// bytes came from outside the process), so each carries its own result.
+pub type FetchedUpdate<K, V, T, D> = ((Result<K, String>, Result<V, String>), T, D);
+
+/// The updates of one fetched part, filtered and advanced for the reader
+/// that leased it, in the part's order (by key, then value, then time).
+#[derive(Debug)]
+pub struct FetchedPart<K, V, T, D> {
+    updates: std::vec::IntoIter<FetchedUpdate<K, V, T, D>>,
+}
+
+impl<K, V, T, D> Iterator for FetchedPart<K, V, T, D> {
+    type Item = FetchedUpdate<K, V, T, D>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.updates.next()
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.updates.size_hint()
+    }
+}
+
+/// Reads parts of one shard, such as parts another worker leased and sent
+/// over; it holds no lease and no since of its own.
+pub struct BatchFetcher<K: Codec, V: Codec, T, D> {
+    pub(crate) reader: PartReader,
+    pub(crate) key_schema: Arc<K::Schema>,
+    pub(crate) val_schema: Arc<V::Schema>,
+    pub(crate) _phantom: PhantomData<fn() -> (T, D)>,
+}
+
+impl<K: Codec, V: Codec, T, D> Debug for BatchFetcher<K, V, T, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchFetcher")
+            .field("shard_id", &self.reader.shard_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V, T, D> BatchFetcher<K, V, T, D>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64,
+    D: Semigroup + Codec64,
+{
+    /// Fetches `part` and returns its updates, filtered and advanced as the
+    /// reader that leased it asked. The lease stays with the caller, who
+    /// returns the part to its reader.
+    ///
+    /// Fails with `BatchNotFromThisShard` for a part of another shard, and
+    /// with a shard error if the part is missing or corrupt.
+    pub async fn fetch_leased_part(
+        &self,
+        part: &LeasedBatchPart<T>,
+    ) -> Result<FetchedPart<K, V, T, D>, ClientError<T>> {
+        self.reader
+            .fetch(part, self.key_schema.as_ref(), self.val_schema.as_ref())
+            .await
+    }
+}
+
+/// Fetches and decodes one shard's parts, retrying blob failures.
+#[derive(Debug, Clone)]
+pub(crate) struct PartReader {
+    pub shard_id: ShardId,
+    pub blob: Arc<dyn Blob>,
+    pub cfg: DynamicConfig,
+    pub codecs: Codecs,
+}
+
+impl PartReader {
+    /// The part's bytes, checked to be a part of this shard's codecs.
+    pub async fn fetch_decoded(&self, part: &HollowPart) -> Result<DecodedPart, ShardError> {
+        let bytes = self.fetch_bytes(&part.key).await?;
+        let decoded = decode_part(bytes).map_err(|e| self.part_error(&part.key, e.to_string()))?;
+        check_codecs(&decoded, &self.codecs)
+            .map_err(|e| self.part_error(&part.key, e.to_string()))?;
+        Ok(decoded)
+    }
+
+    /// The raw bytes at `key`, retrying external failures. A missing key is
+    /// an error: state references it, so it must exist.
+    pub async fn fetch_bytes(&self, key: &str) -> Result<Bytes, ShardError> {
+        let mut backoff = Backoff::new(&self.cfg.get());
+        loop {
+            match self.blob.get(key).await {
+                Ok(Some(bytes)) => return Ok(bytes),
+                Ok(None) => return Err(self.part_error(key, "missing from blob".to_owned())),
+                Err(err) => backoff.wait("fetch part", self.shard_id, &err).await,
+            }
+        }
+    }
+
+    fn part_error(&self, key: &str, reason: String) -> ShardError {
+        ShardError::Part {
+            shard: self.shard_id,
+            key: key.to_owned(),
+            reason,
+        }
+    }
+
+    /// Fetches `part` and decodes the updates its filter keeps.
+    pub async fn fetch<K, V, T, D>(
+        &self,
+        part: &LeasedBatchPart<T>,
+        key_schema: &K::Schema,
+        val_schema: &V::Schema,
+    ) -> Result<FetchedPart<K, V, T, D>, ClientError<T>>
+    where
+        K: Codec,
+        V: Codec,
+        T: Timestamp + Lattice + Codec64,
+        D: Semigroup + Codec64,
+    {
+        if part.shard_id != self.shard_id {
+            return Err(InvalidUsage::BatchNotFromThisShard {
+                batch_shard: part.shard_id,
+                handle_shard: self.shard_id,
+            }
+            .into());
+        }
+        if !part.may_have_updates() {
+            return Ok(FetchedPart {
+                updates: Vec::new().into_iter(),
+            });
+        }
+        let raw = self.fetch_raw(part).await?;
+        let updates = raw
+            .into_iter()
+            .map(|((k, v), t, d)| {
+                let k = K::decode(&k, key_schema).map_err(|e| e.to_string());
+                let v = V::decode(&v, val_schema).map_err(|e| e.to_string());
+                ((k, v), t, d)
+            })
+            .collect::<Vec<_>>();
+        Ok(FetchedPart {
+            updates: updates.into_iter(),
+        })
+    }
+
+    /// Fetches `part` and returns the encoded updates its filter keeps,
+    /// consolidated (equal encoded key, value and time summed; zero diffs
+    /// dropped).
+    pub async fn fetch_raw<T, D>(
+        &self,
+        part: &LeasedBatchPart<T>,
+    ) -> Result<Vec<RawUpdate<T, D>>, ShardError>
+    where
+        T: Timestamp + Lattice + Codec64,
+        D: Semigroup + Codec64,
+    {
+        let decoded = self.fetch_decoded(&part.part).await?;
+        let mut out = Vec::with_capacity(decoded.len());
+        for (k, v, t, d) in decoded.iter() {
+            let mut t = T::decode(t);
+            if !in_description(&t, &part.desc) || !part.filter.keep(&mut t) {
+                continue;
+            }
+            out.push(((k.to_vec(), v.to_vec()), t, D::decode(d)));
+        }
+        consolidate_updates(&mut out);
+        Ok(out)
+    }
+}
+
+/// An update with its key and value still encoded.
+pub(crate) type RawUpdate<T, D> = ((Vec<u8>, Vec<u8>), T, D);
+
+/// Whether `t` lies in `[lower, upper)` of `desc`.
+fn in_description<T: Timestamp>(t: &T, desc: &Description<T>) -> bool {
+    desc.lower().less_equal(t) && !desc.upper().less_equal(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_and_listen_filters_split_every_time_exactly_once() {
+        use timely::order::Product;
+        type P = Product<u64, u64>;
+        let as_of = Antichain::from_iter([Product::new(2, 0), Product::new(0, 2)]);
+        let snapshot = FetchFilter::Snapshot {
+            as_of: as_of.clone(),
+        };
+        let listen = FetchFilter::Listen {
+            as_of: as_of.clone(),
+        };
+        for a in 0..4 {
+            for b in 0..4 {
+                let t: P = Product::new(a, b);
+                let (mut s, mut l) = (t, t);
+                let kept = [snapshot.keep(&mut s), listen.keep(&mut l)];
+                assert_eq!(kept.iter().filter(|k| **k).count(), 1, "{t:?}");
+                assert_eq!(l, t, "listens do not advance times");
+                if kept[0] {
+                    assert!(as_of.less_equal(&s), "{s:?} advanced to the as_of");
+                }
+                // Part-level pruning never drops a time the filter keeps.
+                assert!(!kept[0] || snapshot.may_keep_part(&t, &t));
+                assert!(!kept[1] || listen.may_keep_part(&t, &t));
+            }
+        }
+    }
+}

@@ -1,0 +1,896 @@
+//! Reading a shard: snapshots, listens, subscribes.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use differential_dataflow::consolidation::consolidate_updates;
+use differential_dataflow::difference::Semigroup;
+use differential_dataflow::lattice::Lattice;
+use futures::Stream;
+use persist::SeqNo;
+use persist::part::PartStats;
+use persist_types::{Codec, Codec64, ShardId};
+use timely::PartialOrder;
+use timely::progress::{Antichain, Timestamp};
+
+use crate::error::{ClientError, ShardError, Since};
+use crate::fetch::{
+    FetchFilter, FetchedPart, FetchedUpdate, LeasedBatchPart, PartReader, RawUpdate,
+    SerdeLeasedBatchPart, part_stats,
+};
+use crate::ids::LeasedReaderId;
+use crate::internal::heartbeat::{self, HeartbeatTask};
+use crate::internal::machine::{Machine, Transition};
+use crate::internal::state::{HollowBatch, SnapshotError, State};
+use crate::write::duration_ms;
+
+/// What happened in a shard, as a subscription sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenEvent<T, D> {
+    /// The shard is complete before this frontier: no later event carries
+    /// an update at a time not at or beyond it.
+    Progress(Antichain<T>),
+    /// Updates of the shard.
+    Updates(Vec<D>),
+}
+
+/// The SeqNos a reader has leased parts at, with the number of parts
+/// outstanding for each. Shared with cursors and subscriptions, which
+/// return their parts' leases as they finish with them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Leases(Arc<Mutex<BTreeMap<SeqNo, usize>>>);
+
+impl Leases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SeqNo, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lease(&self, seqno: SeqNo) {
+        *self.lock().entry(seqno).or_default() += 1;
+    }
+
+    fn release(&self, seqno: SeqNo) {
+        let mut leases = self.lock();
+        if let Some(count) = leases.get_mut(&seqno) {
+            *count -= 1;
+            if *count == 0 {
+                leases.remove(&seqno);
+            }
+        }
+    }
+
+    fn oldest(&self) -> Option<SeqNo> {
+        self.lock().keys().next().copied()
+    }
+
+    /// Whether a part leased at `seqno` is still outstanding.
+    pub(crate) fn is_leased(&self, seqno: SeqNo) -> bool {
+        self.lock().contains_key(&seqno)
+    }
+}
+
+/// Statistics of the parts a snapshot would read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPartsStats {
+    /// The shard.
+    pub shard_id: ShardId,
+    /// One entry per part.
+    pub parts: Vec<PartStats>,
+}
+
+/// Reads one shard, holding back its since (the times it can still
+/// distinguish) with a lease that a background task keeps alive.
+///
+/// A leased reader that stops heartbeating for longer than its lease is
+/// expired by a later state change, and its hold is released; operations on
+/// it then fail with [`ShardError::Expired`]. `expire` releases the hold at
+/// once; dropping the handle does so best effort.
+pub struct ReadHandle<K: Codec, V: Codec, T, D> {
+    pub(crate) machine: Machine<T>,
+    pub(crate) reader: PartReader,
+    pub(crate) reader_id: LeasedReaderId,
+    pub(crate) key_schema: Arc<K::Schema>,
+    pub(crate) val_schema: Arc<V::Schema>,
+    pub(crate) since: Antichain<T>,
+    pub(crate) leases: Leases,
+    pub(crate) last_downgrade: Instant,
+    pub(crate) heartbeat: Option<HeartbeatTask>,
+    pub(crate) expired: bool,
+    pub(crate) expire_on_drop: Option<ExpireOnDrop>,
+    pub(crate) _phantom: PhantomData<fn() -> D>,
+}
+
+impl<K: Codec, V: Codec, T: Debug, D> Debug for ReadHandle<K, V, T, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadHandle")
+            .field("shard_id", &self.machine.shard_id())
+            .field("reader_id", &self.reader_id)
+            .field("since", &self.since)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V, T, D> ReadHandle<K, V, T, D>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64 + Sync,
+    D: Semigroup + Codec64 + Send + Sync,
+{
+    /// The shard this handle reads.
+    pub fn shard_id(&self) -> ShardId {
+        self.machine.shard_id()
+    }
+
+    /// This reader's id.
+    pub fn reader_id(&self) -> LeasedReaderId {
+        self.reader_id
+    }
+
+    /// This reader's since: reads at or beyond it are served correctly as
+    /// long as the reader lives.
+    pub fn since(&self) -> &Antichain<T> {
+        &self.since
+    }
+
+    /// Moves this reader's since forward to `new_since` (joined with the
+    /// current one: a since never moves back), letting the shard compact
+    /// times before it. Also renews the lease and reports the oldest state
+    /// this reader still holds parts of.
+    ///
+    /// Fails with [`ShardError::Expired`] if the reader's lease lapsed.
+    pub async fn downgrade_since(
+        &mut self,
+        new_since: &Antichain<T>,
+    ) -> Result<(), ClientError<T>> {
+        let id = self.reader_id;
+        let leases = self.leases.clone();
+        let new_since = new_since.clone();
+        let (_, since) = self
+            .machine
+            .apply(|state, now| {
+                // Held parts pin the state they were leased at; with none
+                // held, only the state this transition writes is needed.
+                let outstanding = leases.oldest().unwrap_or(state.seqno);
+                match state.downgrade_since(id, outstanding, &new_since, now) {
+                    Some(since) => Transition::Write(Some(since)),
+                    None => Transition::Refuse(None),
+                }
+            })
+            .await?;
+        self.last_downgrade = Instant::now();
+        match since {
+            Some(since) => {
+                self.since = since;
+                Ok(())
+            }
+            None => Err(self.expired_error()),
+        }
+    }
+
+    fn expired_error(&self) -> ClientError<T> {
+        ShardError::Expired {
+            shard: self.machine.shard_id(),
+            handle: self.reader_id.to_string(),
+        }
+        .into()
+    }
+
+    /// Like [`ReadHandle::downgrade_since`], but rate limited: skipped if
+    /// the last downgrade was less than the configured interval ago, unless
+    /// `new_since` is empty (closing the reader's hold is never delayed).
+    pub async fn maybe_downgrade_since(
+        &mut self,
+        new_since: &Antichain<T>,
+    ) -> Result<(), ClientError<T>> {
+        let interval = self.machine.cfg().since_downgrade_interval;
+        if new_since.is_empty() || self.last_downgrade.elapsed() >= interval {
+            self.downgrade_since(new_since).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The parts holding every update at a time not beyond `as_of`, leased
+    /// to this reader. Waits (asynchronously) until the shard's upper is
+    /// beyond `as_of`. Fails with [`Since`] if `as_of` is not at or beyond
+    /// this reader's since.
+    ///
+    /// Fetch the parts (here or, after exchanging them, on other workers
+    /// with a [`BatchFetcher`](crate::BatchFetcher)) and return each with
+    /// [`ReadHandle::process_returned_leased_part`].
+    pub async fn snapshot(
+        &mut self,
+        as_of: Antichain<T>,
+    ) -> Result<Vec<LeasedBatchPart<T>>, ClientError<T>> {
+        let (state, batches) = self.snapshot_batches(&as_of).await?;
+        let filter = FetchFilter::Snapshot { as_of };
+        Ok(self.lease_parts(&state, &batches, &filter))
+    }
+
+    async fn snapshot_batches(
+        &self,
+        as_of: &Antichain<T>,
+    ) -> Result<(Arc<State<T>>, Vec<HollowBatch<T>>), ClientError<T>> {
+        if !PartialOrder::less_equal(&self.since, as_of) {
+            return Err(Since(self.since.clone()).into());
+        }
+        let mut state = self.machine.cached();
+        loop {
+            match state.snapshot(as_of) {
+                Ok(batches) => return Ok((state, batches)),
+                Err(SnapshotError::SinceBeyondAsOf(since)) => return Err(Since(since).into()),
+                Err(SnapshotError::NotYetAvailable) => {
+                    state = self.machine.wait_for_newer(state.seqno).await?;
+                }
+            }
+        }
+    }
+
+    /// Leases the parts of `batches` that `filter` may keep anything of.
+    fn lease_parts(
+        &self,
+        state: &State<T>,
+        batches: &[HollowBatch<T>],
+        filter: &FetchFilter<T>,
+    ) -> Vec<LeasedBatchPart<T>> {
+        let mut parts = Vec::new();
+        for batch in batches {
+            for part in &batch.parts {
+                let leased = LeasedBatchPart {
+                    shard_id: self.machine.shard_id(),
+                    reader_id: Some(self.reader_id),
+                    leased_seqno: Some(state.seqno),
+                    desc: batch.desc.clone(),
+                    part: part.clone(),
+                    filter: filter.clone(),
+                };
+                if leased.may_have_updates() {
+                    self.leases.lease(state.seqno);
+                    parts.push(leased);
+                }
+            }
+        }
+        parts
+    }
+
+    /// Returns a part leased by this reader, releasing its lease.
+    pub fn process_returned_leased_part(&mut self, part: LeasedBatchPart<T>) {
+        self.release(&part);
+    }
+
+    fn release(&self, part: &LeasedBatchPart<T>) {
+        if part.reader_id != Some(self.reader_id) {
+            tracing::warn!(
+                shard = %self.machine.shard_id(),
+                "part leased by {:?} returned to {}", part.reader_id, self.reader_id
+            );
+            return;
+        }
+        if let Some(seqno) = part.leased_seqno {
+            self.leases.release(seqno);
+        }
+    }
+
+    /// Turns a part received from another worker back into a
+    /// [`LeasedBatchPart`], to return it to this reader.
+    pub fn leased_part_from_exchangeable(&self, part: SerdeLeasedBatchPart) -> LeasedBatchPart<T> {
+        LeasedBatchPart::from_exchangeable(part)
+    }
+
+    /// Every update at a time not beyond `as_of`, with times advanced to
+    /// `as_of`, consolidated (updates equal in encoded key, value and time
+    /// are summed; those summing to zero are dropped), sorted by encoded
+    /// key, value and time. Waits until the shard's upper is beyond `as_of`.
+    pub async fn snapshot_and_fetch(
+        &mut self,
+        as_of: Antichain<T>,
+    ) -> Result<Vec<FetchedUpdate<K, V, T, D>>, ClientError<T>> {
+        let parts = self.snapshot(as_of).await?;
+        let mut raw: Vec<RawUpdate<T, D>> = Vec::new();
+        let mut failed = None;
+        for part in parts {
+            if failed.is_none() {
+                match self.reader.fetch_raw(&part).await {
+                    Ok(mut updates) => raw.append(&mut updates),
+                    Err(err) => failed = Some(err),
+                }
+            }
+            self.release(&part);
+        }
+        if let Some(err) = failed {
+            return Err(err.into());
+        }
+        consolidate_updates(&mut raw);
+        Ok(raw
+            .into_iter()
+            .map(|((k, v), t, d)| {
+                let k = K::decode(&k, &self.key_schema).map_err(|e| e.to_string());
+                let v = V::decode(&v, &self.val_schema).map_err(|e| e.to_string());
+                ((k, v), t, d)
+            })
+            .collect())
+    }
+
+    /// A cursor over the snapshot at `as_of`, fetching one part at a time
+    /// (memory stays bounded by the largest part) and skipping parts whose
+    /// statistics `should_fetch_part` rejects.
+    pub async fn snapshot_cursor(
+        &mut self,
+        as_of: Antichain<T>,
+        should_fetch_part: impl Fn(&PartStats) -> bool,
+    ) -> Result<Cursor<K, V, T, D>, ClientError<T>> {
+        let parts = self.snapshot(as_of).await?;
+        let mut kept = VecDeque::new();
+        for part in parts {
+            if should_fetch_part(&part.stats()) {
+                kept.push_back(part);
+            } else {
+                self.release(&part);
+            }
+        }
+        Ok(Cursor {
+            reader: self.reader.clone(),
+            leases: self.leases.clone(),
+            key_schema: Arc::clone(&self.key_schema),
+            val_schema: Arc::clone(&self.val_schema),
+            parts: kept,
+            _phantom: PhantomData,
+        })
+    }
+
+    /// The snapshot at `as_of` as a stream of updates, fetched one part at
+    /// a time; updates are consolidated within each part (not across
+    /// parts). A part that cannot be read ends the stream with an error.
+    pub async fn snapshot_and_stream(
+        &mut self,
+        as_of: Antichain<T>,
+    ) -> Result<
+        impl Stream<Item = Result<FetchedUpdate<K, V, T, D>, ClientError<T>>> + use<K, V, T, D>,
+        ClientError<T>,
+    > {
+        let cursor = self.snapshot_cursor(as_of, |_| true).await?;
+        let stream = futures::stream::unfold(
+            (cursor, VecDeque::new(), false),
+            |(mut cursor, mut pending, mut done)| async move {
+                loop {
+                    if let Some(update) = pending.pop_front() {
+                        return Some((Ok(update), (cursor, pending, done)));
+                    }
+                    if done {
+                        return None;
+                    }
+                    match cursor.next().await {
+                        Some(Ok(updates)) => pending.extend(updates),
+                        Some(Err(err)) => {
+                            done = true;
+                            return Some((Err(err), (cursor, pending, done)));
+                        }
+                        None => return None,
+                    }
+                }
+            },
+        );
+        Ok(stream)
+    }
+
+    /// Statistics of the parts a snapshot at `as_of` would read. Waits
+    /// until the shard's upper is beyond `as_of`.
+    pub async fn snapshot_parts_stats(
+        &mut self,
+        as_of: Antichain<T>,
+    ) -> Result<SnapshotPartsStats, ClientError<T>> {
+        let (_, batches) = self.snapshot_batches(&as_of).await?;
+        Ok(SnapshotPartsStats {
+            shard_id: self.machine.shard_id(),
+            parts: batches
+                .iter()
+                .flat_map(|b| b.parts.iter().map(part_stats))
+                .collect(),
+        })
+    }
+
+    /// Listens to the shard from `as_of`: every update at a time not at or
+    /// before `as_of`, in the order batches were appended, with progress.
+    /// Fails with [`Since`] if `as_of` is not at or beyond this reader's
+    /// since.
+    pub async fn listen(self, as_of: Antichain<T>) -> Result<Listen<K, V, T, D>, ClientError<T>> {
+        if !PartialOrder::less_equal(&self.since, &as_of) {
+            return Err(Since(self.since.clone()).into());
+        }
+        Listen::new(self, as_of).await
+    }
+
+    /// A snapshot at `as_of` followed by a listen from `as_of`: together
+    /// every update of the shard exactly once (times in the snapshot
+    /// advanced to `as_of`).
+    pub async fn subscribe(
+        mut self,
+        as_of: Antichain<T>,
+    ) -> Result<Subscribe<K, V, T, D>, ClientError<T>> {
+        let snapshot = self.snapshot(as_of.clone()).await?;
+        let listen = self.listen(as_of).await?;
+        Ok(Subscribe {
+            snapshot: Some(snapshot),
+            listen,
+        })
+    }
+
+    /// A new reader of the same shard holding this reader's since.
+    pub async fn clone(&self, purpose: &str) -> Result<ReadHandle<K, V, T, D>, ClientError<T>> {
+        let mut reader = open_reader(
+            &self.machine,
+            self.reader.clone(),
+            LeasedReaderId::new(),
+            purpose,
+            Arc::clone(&self.key_schema),
+            Arc::clone(&self.val_schema),
+        )
+        .await?;
+        reader.downgrade_since(&self.since).await?;
+        Ok(reader)
+    }
+
+    /// Releases this reader's since hold and lease.
+    pub async fn expire(mut self) {
+        self.expire_now().await;
+    }
+
+    async fn expire_now(&mut self) {
+        self.expired = true;
+        self.heartbeat = None;
+        expire_reader(&self.machine, self.reader_id).await;
+    }
+
+    /// Stops heartbeats without expiring, as a hung process would (tests).
+    #[cfg(test)]
+    pub(crate) fn stop_heartbeats(&mut self) {
+        self.heartbeat = None;
+    }
+
+    /// Whether the heartbeat task still runs (tests).
+    #[cfg(test)]
+    pub(crate) fn heartbeat_running(&self) -> bool {
+        self.heartbeat.as_ref().is_some_and(|h| !h.is_finished())
+    }
+}
+
+/// Registers a leased reader and returns its handle, heartbeating.
+pub(crate) async fn open_reader<K, V, T, D>(
+    machine: &Machine<T>,
+    reader: PartReader,
+    reader_id: LeasedReaderId,
+    purpose: &str,
+    key_schema: Arc<K::Schema>,
+    val_schema: Arc<V::Schema>,
+) -> Result<ReadHandle<K, V, T, D>, ClientError<T>>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64 + Sync,
+{
+    let lease = machine.cfg().reader_lease_duration;
+    let lease_ms = duration_ms(lease);
+    let (_, since) = machine
+        .apply(|state, now| {
+            if state.is_tombstone() {
+                return Transition::Refuse(None);
+            }
+            state.expire_lapsed(now);
+            Transition::Write(Some(
+                state.register_leased_reader(reader_id, purpose, now, lease_ms),
+            ))
+        })
+        .await?;
+    let since = since.ok_or(ShardError::Finalized {
+        shard: machine.shard_id(),
+    })?;
+    let interval = heartbeat::interval_for(lease);
+    let heartbeat = heartbeat::spawn(
+        machine.clone(),
+        reader_id.to_string(),
+        interval,
+        move |state, now| state.heartbeat_leased_reader(reader_id, now),
+    );
+    Ok(ReadHandle {
+        machine: machine.clone(),
+        reader,
+        reader_id,
+        key_schema,
+        val_schema,
+        since,
+        leases: Leases::default(),
+        last_downgrade: Instant::now(),
+        heartbeat: Some(heartbeat),
+        expired: false,
+        expire_on_drop: Some(expire_reader_on_drop(machine, reader_id)),
+        _phantom: PhantomData,
+    })
+}
+
+async fn expire_reader<T: Timestamp + Lattice + Codec64 + Sync>(
+    machine: &Machine<T>,
+    id: LeasedReaderId,
+) {
+    let result = machine
+        .apply(|state, _| {
+            if state.expire_leased_reader(id) {
+                Transition::Write(())
+            } else {
+                Transition::Skip(())
+            }
+        })
+        .await;
+    if let Err(err) = result {
+        tracing::warn!(shard = %machine.shard_id(), %err, "could not expire reader {id}");
+    }
+}
+
+impl<K: Codec, V: Codec, T, D> Drop for ReadHandle<K, V, T, D> {
+    fn drop(&mut self) {
+        self.heartbeat = None;
+        if let Some(expire) = self.expire_on_drop.take()
+            && !self.expired
+        {
+            expire();
+        }
+    }
+}
+
+/// Expires a reader in the background when its handle is dropped (best
+/// effort: without a runtime the lease simply lapses).
+fn expire_reader_on_drop<T>(machine: &Machine<T>, id: LeasedReaderId) -> ExpireOnDrop
+where
+    T: Timestamp + Lattice + Codec64 + Sync,
+{
+    let machine = machine.clone();
+    Box::new(move || {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { expire_reader(&machine, id).await });
+        }
+    })
+}
+
+/// What a handle runs when dropped unexpired.
+pub(crate) type ExpireOnDrop = Box<dyn FnOnce() + Send + Sync>;
+
+/// Reads a snapshot one part at a time.
+pub struct Cursor<K: Codec, V: Codec, T, D> {
+    reader: PartReader,
+    leases: Leases,
+    key_schema: Arc<K::Schema>,
+    val_schema: Arc<V::Schema>,
+    parts: VecDeque<LeasedBatchPart<T>>,
+    _phantom: PhantomData<fn() -> D>,
+}
+
+impl<K: Codec, V: Codec, T, D> Debug for Cursor<K, V, T, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cursor")
+            .field("shard_id", &self.reader.shard_id)
+            .field("parts_left", &self.parts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V, T, D> Cursor<K, V, T, D>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64,
+    D: Semigroup + Codec64,
+{
+    /// The updates of the next part (times advanced to the as_of,
+    /// consolidated within the part), or `None` when all parts are read.
+    pub async fn next(&mut self) -> Option<Result<Vec<FetchedUpdate<K, V, T, D>>, ClientError<T>>> {
+        let part = self.parts.pop_front()?;
+        let fetched = self
+            .reader
+            .fetch::<K, V, T, D>(&part, self.key_schema.as_ref(), self.val_schema.as_ref())
+            .await;
+        if let Some(seqno) = part.leased_seqno {
+            self.leases.release(seqno);
+        }
+        Some(fetched.map(|f| f.collect()))
+    }
+}
+
+impl<K: Codec, V: Codec, T, D> Drop for Cursor<K, V, T, D> {
+    fn drop(&mut self) {
+        for part in self.parts.drain(..) {
+            if let Some(seqno) = part.leased_seqno {
+                self.leases.release(seqno);
+            }
+        }
+    }
+}
+
+/// An ongoing read of the updates appended to a shard after an `as_of`.
+///
+/// Each step yields the parts of the next batch holding updates at times
+/// not at or before the `as_of`, then the batch's upper as progress. For a
+/// totally ordered time every update yielded is beyond the `as_of` and
+/// before the progress frontier.
+pub struct Listen<K: Codec, V: Codec, T, D> {
+    handle: ReadHandle<K, V, T, D>,
+    as_of: Antichain<T>,
+    since: Antichain<T>,
+    /// The frontier reported to the caller.
+    frontier: Antichain<T>,
+    /// The batch boundary the listen reads from next.
+    walk: Antichain<T>,
+}
+
+impl<K: Codec, V: Codec, T: Debug, D> Debug for Listen<K, V, T, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listen")
+            .field("shard_id", &self.handle.machine.shard_id())
+            .field("as_of", &self.as_of)
+            .field("frontier", &self.frontier)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V, T, D> Listen<K, V, T, D>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64 + Sync,
+    D: Semigroup + Codec64 + Send + Sync,
+{
+    async fn new(
+        mut handle: ReadHandle<K, V, T, D>,
+        as_of: Antichain<T>,
+    ) -> Result<Self, ClientError<T>> {
+        // The listen never needs times before its as_of again.
+        handle.downgrade_since(&as_of).await?;
+        Ok(Listen {
+            handle,
+            since: as_of.clone(),
+            frontier: as_of.clone(),
+            as_of,
+            walk: Antichain::from_elem(T::minimum()),
+        })
+    }
+
+    /// The listen's progress: it has yielded every update at a time not
+    /// at or beyond this frontier (initially the `as_of`).
+    pub fn frontier(&self) -> &Antichain<T> {
+        &self.frontier
+    }
+
+    /// Waits for the next batch with updates for this listen and returns
+    /// its parts, leased, and the progress frontier after them.
+    pub async fn next(
+        &mut self,
+    ) -> Result<(Vec<LeasedBatchPart<T>>, Antichain<T>), ClientError<T>> {
+        let filter = FetchFilter::Listen {
+            as_of: self.as_of.clone(),
+        };
+        let mut state = self.handle.machine.cached();
+        loop {
+            if let Some(start) = state.next_listen_batch(&self.walk) {
+                for batch in &state.batches[start..] {
+                    let parts =
+                        self.handle
+                            .lease_parts(&state, std::slice::from_ref(batch), &filter);
+                    self.walk = batch.desc.upper().clone();
+                    if parts.is_empty() && PartialOrder::less_equal(batch.desc.upper(), &self.as_of)
+                    {
+                        // Entirely at or before the as_of: nothing to report.
+                        continue;
+                    }
+                    self.advance(batch.desc.upper().clone()).await?;
+                    return Ok((parts, self.frontier.clone()));
+                }
+            }
+            state = self.handle.machine.wait_for_newer(state.seqno).await?;
+        }
+    }
+
+    /// Moves the reported frontier to `upper` and the since after it.
+    async fn advance(&mut self, upper: Antichain<T>) -> Result<(), ClientError<T>> {
+        // The since may follow the frontier only where the previous
+        // frontier is strictly before the new one: the next batch must
+        // still tell times at the frontier from those just before it.
+        for t in self.frontier.elements() {
+            if upper.elements().iter().any(|u| t.less_than(u)) {
+                self.since.join_assign(&Antichain::from_elem(t.clone()));
+            }
+        }
+        self.frontier = upper;
+        let since = self.since.clone();
+        self.handle.maybe_downgrade_since(&since).await
+    }
+
+    /// Like [`Listen::next`], but fetches the parts: the events of the next
+    /// batch, ending with its progress.
+    pub async fn fetch_next(
+        &mut self,
+    ) -> Result<Vec<ListenEvent<T, FetchedUpdate<K, V, T, D>>>, ClientError<T>> {
+        let (parts, progress) = self.next().await?;
+        let mut events = self.fetch_parts(parts).await?;
+        events.push(ListenEvent::Progress(progress));
+        Ok(events)
+    }
+
+    async fn fetch_parts(
+        &mut self,
+        parts: Vec<LeasedBatchPart<T>>,
+    ) -> Result<Vec<ListenEvent<T, FetchedUpdate<K, V, T, D>>>, ClientError<T>> {
+        let mut events = Vec::with_capacity(parts.len() + 1);
+        let mut failed = None;
+        for part in parts {
+            if failed.is_none() {
+                let fetched: Result<FetchedPart<K, V, T, D>, _> = self
+                    .handle
+                    .reader
+                    .fetch(
+                        &part,
+                        self.handle.key_schema.as_ref(),
+                        self.handle.val_schema.as_ref(),
+                    )
+                    .await;
+                match fetched {
+                    Ok(fetched) => {
+                        let updates: Vec<_> = fetched.collect();
+                        if !updates.is_empty() {
+                            events.push(ListenEvent::Updates(updates));
+                        }
+                    }
+                    Err(err) => failed = Some(err),
+                }
+            }
+            self.handle.release(&part);
+        }
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(events),
+        }
+    }
+
+    /// The listen as an endless stream of events. A part that cannot be
+    /// read yields an error and ends the stream.
+    pub fn into_stream(
+        self,
+    ) -> impl Stream<Item = Result<ListenEvent<T, FetchedUpdate<K, V, T, D>>, ClientError<T>>> {
+        futures::stream::unfold(
+            (self, VecDeque::new(), false),
+            |(mut listen, mut pending, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    if let Some(event) = pending.pop_front() {
+                        return Some((Ok(event), (listen, pending, false)));
+                    }
+                    match listen.fetch_next().await {
+                        Ok(events) => pending.extend(events),
+                        Err(err) => return Some((Err(err), (listen, pending, true))),
+                    }
+                }
+            },
+        )
+    }
+
+    /// Reads until the frontier is beyond `ts`; returns the updates and the
+    /// last progress (tests).
+    #[cfg(test)]
+    pub(crate) async fn read_until(
+        &mut self,
+        ts: &T,
+    ) -> (Vec<FetchedUpdate<K, V, T, D>>, Antichain<T>) {
+        let mut updates = Vec::new();
+        let mut frontier = Antichain::from_elem(T::minimum());
+        while self.frontier.less_than(ts) {
+            for event in self.fetch_next().await.expect("listen failed") {
+                match event {
+                    ListenEvent::Updates(mut x) => updates.append(&mut x),
+                    ListenEvent::Progress(x) => frontier = x,
+                }
+            }
+        }
+        (updates, frontier)
+    }
+
+    /// Returns a part this listen handed out, releasing its lease.
+    pub fn return_leased_part(&mut self, part: LeasedBatchPart<T>) {
+        self.handle.process_returned_leased_part(part);
+    }
+
+    /// Releases the listen's reader.
+    pub async fn expire(self) {
+        self.handle.expire().await;
+    }
+
+    #[cfg(test)]
+    pub(crate) fn handle(&mut self) -> &mut ReadHandle<K, V, T, D> {
+        &mut self.handle
+    }
+
+    #[cfg(test)]
+    pub(crate) fn since(&self) -> &Antichain<T> {
+        &self.since
+    }
+}
+
+/// A snapshot followed by a listen, as one sequence of events.
+pub struct Subscribe<K: Codec, V: Codec, T, D> {
+    snapshot: Option<Vec<LeasedBatchPart<T>>>,
+    listen: Listen<K, V, T, D>,
+}
+
+impl<K: Codec, V: Codec, T: Debug, D> Debug for Subscribe<K, V, T, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscribe")
+            .field("snapshot_parts", &self.snapshot.as_ref().map(Vec::len))
+            .field("listen", &self.listen)
+            .finish()
+    }
+}
+
+impl<K, V, T, D> Subscribe<K, V, T, D>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64 + Sync,
+    D: Semigroup + Codec64 + Send + Sync,
+{
+    /// The next parts: first the snapshot's (with no progress), then each
+    /// listened batch's followed by its progress.
+    pub async fn next(
+        &mut self,
+    ) -> Result<Vec<ListenEvent<T, LeasedBatchPart<T>>>, ClientError<T>> {
+        if let Some(parts) = self.snapshot.take() {
+            return Ok(vec![ListenEvent::Updates(parts)]);
+        }
+        let (parts, progress) = self.listen.next().await?;
+        Ok(vec![
+            ListenEvent::Updates(parts),
+            ListenEvent::Progress(progress),
+        ])
+    }
+
+    /// Like [`Subscribe::next`], but fetches the parts.
+    pub async fn fetch_next(
+        &mut self,
+    ) -> Result<Vec<ListenEvent<T, FetchedUpdate<K, V, T, D>>>, ClientError<T>> {
+        if let Some(parts) = self.snapshot.take() {
+            return self.listen.fetch_parts(parts).await;
+        }
+        self.listen.fetch_next().await
+    }
+
+    /// Returns a part this subscription handed out, releasing its lease.
+    pub fn return_leased_part(&mut self, part: LeasedBatchPart<T>) {
+        self.listen.return_leased_part(part);
+    }
+
+    /// Turns an exchanged part back into a [`LeasedBatchPart`].
+    pub fn leased_part_from_exchangeable(&self, part: SerdeLeasedBatchPart) -> LeasedBatchPart<T> {
+        LeasedBatchPart::from_exchangeable(part)
+    }
+
+    /// Releases the subscription's reader.
+    pub async fn expire(mut self) {
+        if let Some(parts) = self.snapshot.take() {
+            for part in parts {
+                self.listen.return_leased_part(part);
+            }
+        }
+        self.listen.expire().await;
+    }
+
+    #[cfg(test)]
+    pub(crate) fn listen(&mut self) -> &mut Listen<K, V, T, D> {
+        &mut self.listen
+    }
+
+    #[cfg(test)]
+    pub(crate) fn snapshot_parts(&self) -> Option<&Vec<LeasedBatchPart<T>>> {
+        self.snapshot.as_ref()
+    }
+}

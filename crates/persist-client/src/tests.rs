@@ -1,0 +1,1 @@
+//! Tests of the public API (seed tests rewritten).

@@ -1,0 +1,487 @@
+//! Writing to a shard.
+
+use std::borrow::Borrow;
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use differential_dataflow::difference::Semigroup;
+use differential_dataflow::lattice::Lattice;
+use differential_dataflow::trace::Description;
+use persist::Blob;
+use persist_types::{Codec, Codec64, ShardId};
+use timely::PartialOrder;
+use timely::progress::{Antichain, Timestamp};
+
+use crate::batch::{Batch, BatchBuilder, PartWriter, TransmittableBatch};
+use crate::error::{ClientError, InvalidUsage, UpperMismatch};
+use crate::ids::{IdempotencyToken, WriterId};
+use crate::internal::heartbeat::{self, HeartbeatTask};
+use crate::internal::machine::{Machine, Transition};
+use crate::internal::state::{CompareAndAppendBreak, HollowBatch};
+use crate::read::ExpireOnDrop;
+
+/// Appends to one shard.
+///
+/// Every append is fenced by the shard's upper: it lands only if the shard
+/// is complete exactly up to the append's lower, so several writers (say,
+/// replicas computing the same data) can race safely and exactly one wins
+/// each interval of time. Appends are idempotent: a retry after a failure
+/// whose outcome was unknown never applies a batch twice.
+///
+/// The handle keeps its lease alive in a background task; `expire` (or,
+/// best effort, dropping the handle) releases it.
+pub struct WriteHandle<K: Codec, V: Codec, T, D> {
+    pub(crate) machine: Machine<T>,
+    pub(crate) blob: Arc<dyn Blob>,
+    pub(crate) writer_id: WriterId,
+    pub(crate) key_schema: Arc<K::Schema>,
+    pub(crate) val_schema: Arc<V::Schema>,
+    pub(crate) upper: Antichain<T>,
+    pub(crate) heartbeat: Option<HeartbeatTask>,
+    pub(crate) expired: bool,
+    pub(crate) expire_on_drop: Option<ExpireOnDrop>,
+    pub(crate) _phantom: PhantomData<fn() -> D>,
+}
+
+impl<K: Codec, V: Codec, T: Debug, D> Debug for WriteHandle<K, V, T, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteHandle")
+            .field("shard_id", &self.machine.shard_id())
+            .field("writer_id", &self.writer_id)
+            .field("upper", &self.upper)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V, T, D> WriteHandle<K, V, T, D>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64 + Sync,
+    D: Semigroup + Codec64 + Send + Sync,
+{
+    /// The shard this handle writes.
+    pub fn shard_id(&self) -> ShardId {
+        self.machine.shard_id()
+    }
+
+    /// This writer's id.
+    pub fn writer_id(&self) -> WriterId {
+        self.writer_id
+    }
+
+    /// The key schema the handle decodes keys with.
+    pub fn key_schema(&self) -> &Arc<K::Schema> {
+        &self.key_schema
+    }
+
+    /// The value schema the handle decodes values with.
+    pub fn val_schema(&self) -> &Arc<V::Schema> {
+        &self.val_schema
+    }
+
+    /// The shard's upper as of this handle's last append or fetch: possibly
+    /// behind the real one (other writers), never ahead of it.
+    pub fn upper(&self) -> &Antichain<T> {
+        &self.upper
+    }
+
+    /// The shard's upper as of the newest state this process has seen
+    /// through any handle (no I/O): at or beyond [`WriteHandle::upper`].
+    pub fn shared_upper(&self) -> Antichain<T> {
+        self.machine.cached().upper.clone()
+    }
+
+    /// Reads the shard's current upper from consensus, caches it as this
+    /// handle's upper, and returns it.
+    pub async fn fetch_recent_upper(&mut self) -> Result<&Antichain<T>, ClientError<T>> {
+        let state = self.machine.fetch_latest().await?;
+        self.upper.clone_from(&state.upper);
+        Ok(&self.upper)
+    }
+
+    /// Waits until the shard's upper is strictly beyond `frontier`
+    /// (`frontier < upper` in the antichain order), then caches it.
+    /// Cancel-safe.
+    pub async fn wait_for_upper_past(
+        &mut self,
+        frontier: &Antichain<T>,
+    ) -> Result<(), ClientError<T>> {
+        let mut state = self.machine.cached();
+        loop {
+            if PartialOrder::less_than(frontier, &state.upper) {
+                self.upper.clone_from(&state.upper);
+                return Ok(());
+            }
+            state = self.machine.wait_for_newer(state.seqno).await?;
+        }
+    }
+
+    /// Writes `updates` as a batch `[lower, upper)` and appends it.
+    ///
+    /// Permissive about overlap: if the shard's upper is already past
+    /// `lower` but not past `upper`, only the updates at or beyond the
+    /// shard's upper are appended (the rest are already covered); if it is
+    /// at or past `upper`, nothing is appended and the call succeeds. Fails
+    /// with [`UpperMismatch`] only if the shard's upper is not yet at
+    /// `lower` (appends must be contiguous).
+    ///
+    /// Usage errors: `InvalidBounds` (`lower` not `<= upper`),
+    /// `UpdateNotBeyondLower`, `UpdateBeyondUpper`.
+    pub async fn append<SB, I>(
+        &mut self,
+        updates: I,
+        lower: Antichain<T>,
+        upper: Antichain<T>,
+    ) -> Result<Result<(), UpperMismatch<T>>, ClientError<T>>
+    where
+        SB: Borrow<((K, V), T, D)>,
+        I: IntoIterator<Item = SB>,
+    {
+        let batch = self.batch(updates, lower.clone(), upper.clone()).await?;
+        self.append_batch(batch, lower, upper).await
+    }
+
+    /// Writes `updates` as a batch `[expected_upper, new_upper)` and appends
+    /// it if the shard's upper is exactly `expected_upper`. On a mismatch
+    /// the batch's parts are deleted, the handle's upper becomes the shard's
+    /// and [`UpperMismatch`] names both.
+    pub async fn compare_and_append<SB, I>(
+        &mut self,
+        updates: I,
+        expected_upper: Antichain<T>,
+        new_upper: Antichain<T>,
+    ) -> Result<Result<(), UpperMismatch<T>>, ClientError<T>>
+    where
+        SB: Borrow<((K, V), T, D)>,
+        I: IntoIterator<Item = SB>,
+    {
+        let mut batch = self
+            .batch(updates, expected_upper.clone(), new_upper.clone())
+            .await?;
+        let result = self
+            .compare_and_append_batch(&mut [&mut batch], expected_upper, new_upper)
+            .await;
+        match result {
+            Ok(Ok(())) => Ok(Ok(())),
+            other => {
+                batch.delete().await;
+                other
+            }
+        }
+    }
+
+    /// Writes `updates` to blob as a batch `[lower, upper)` without
+    /// appending it.
+    pub async fn batch<SB, I>(
+        &mut self,
+        updates: I,
+        lower: Antichain<T>,
+        upper: Antichain<T>,
+    ) -> Result<Batch<K, V, T, D>, ClientError<T>>
+    where
+        SB: Borrow<((K, V), T, D)>,
+        I: IntoIterator<Item = SB>,
+    {
+        if !PartialOrder::less_equal(&lower, &upper) {
+            return Err(InvalidUsage::InvalidBounds { lower, upper }.into());
+        }
+        let mut builder = self.builder(lower);
+        for update in updates {
+            let ((k, v), t, d) = update.borrow();
+            if upper.less_equal(t) {
+                builder.writer.delete_parts(&builder.parts).await;
+                return Err(InvalidUsage::UpdateBeyondUpper {
+                    ts: t.clone(),
+                    expected_upper: upper,
+                }
+                .into());
+            }
+            if let Err(err) = builder.add(k, v, t, d).await {
+                builder.writer.delete_parts(&builder.parts).await;
+                return Err(err);
+            }
+        }
+        builder.finish(upper).await
+    }
+
+    /// A builder of a batch starting at `lower`, for updates added one at a
+    /// time (memory stays bounded: full parts are written as it goes).
+    pub fn builder(&mut self, lower: Antichain<T>) -> BatchBuilder<K, V, T, D> {
+        BatchBuilder::new(self.part_writer(), lower)
+    }
+
+    fn part_writer(&self) -> PartWriter<T> {
+        let cached = self.machine.cached();
+        PartWriter {
+            shard_id: self.machine.shard_id(),
+            writer_id: self.writer_id,
+            blob: Arc::clone(&self.blob),
+            machine: self.machine.clone(),
+            cfg: self.machine.dyn_cfg().clone(),
+            codecs: cached.codecs.clone(),
+        }
+    }
+
+    /// Appends `batch` as `[lower, upper)`, with the overlap rules of
+    /// [`WriteHandle::append`]. `lower` may be beyond the batch's own lower
+    /// (updates before it are then ignored by readers); `upper` must be the
+    /// batch's upper.
+    pub async fn append_batch(
+        &mut self,
+        mut batch: Batch<K, V, T, D>,
+        mut lower: Antichain<T>,
+        upper: Antichain<T>,
+    ) -> Result<Result<(), UpperMismatch<T>>, ClientError<T>> {
+        loop {
+            let result = self
+                .compare_and_append_batch(&mut [&mut batch], lower.clone(), upper.clone())
+                .await?;
+            let Err(mismatch) = result else {
+                return Ok(Ok(()));
+            };
+            if PartialOrder::less_than(&mismatch.current, &lower) {
+                // Not yet contiguous: the caller must wait or fill the gap.
+                return Ok(Err(mismatch));
+            }
+            if PartialOrder::less_than(&mismatch.current, &upper) {
+                // Part of the interval is already written: append the rest.
+                lower = mismatch.current;
+                continue;
+            }
+            // Everything up to `upper` is already written.
+            batch.delete().await;
+            return Ok(Ok(()));
+        }
+    }
+
+    /// Appends `batches`, as one logical batch `[expected_upper,
+    /// new_upper)`, if the shard's upper is exactly `expected_upper`.
+    ///
+    /// Each batch must belong to this shard (`BatchNotFromThisShard`), start
+    /// at or before `expected_upper` and end at `new_upper`
+    /// (`InvalidBatchBounds`); updates before `expected_upper` are ignored
+    /// by readers. An empty interval takes no updates
+    /// (`InvalidEmptyTimeInterval`).
+    ///
+    /// On success the batches are consumed. On [`UpperMismatch`] they are
+    /// left to the caller (to retry, or delete), and the handle's upper
+    /// becomes the shard's.
+    pub async fn compare_and_append_batch(
+        &mut self,
+        batches: &mut [&mut Batch<K, V, T, D>],
+        expected_upper: Antichain<T>,
+        new_upper: Antichain<T>,
+    ) -> Result<Result<(), UpperMismatch<T>>, ClientError<T>> {
+        let shard_id = self.machine.shard_id();
+        for batch in batches.iter() {
+            if batch.shard_id != shard_id {
+                return Err(InvalidUsage::BatchNotFromThisShard {
+                    batch_shard: batch.shard_id,
+                    handle_shard: shard_id,
+                }
+                .into());
+            }
+        }
+        if !PartialOrder::less_equal(&expected_upper, &new_upper) {
+            return Err(InvalidUsage::InvalidBounds {
+                lower: expected_upper,
+                upper: new_upper,
+            }
+            .into());
+        }
+        if expected_upper == new_upper && batches.iter().any(|b| !b.parts.is_empty()) {
+            return Err(InvalidUsage::InvalidEmptyTimeInterval {
+                lower: expected_upper,
+                upper: new_upper,
+                keys: batches.iter().flat_map(|b| b.part_keys()).collect(),
+            }
+            .into());
+        }
+        for batch in batches.iter() {
+            if !PartialOrder::less_equal(&batch.lower, &expected_upper) || batch.upper != new_upper
+            {
+                return Err(InvalidUsage::InvalidBatchBounds {
+                    batch_lower: batch.lower.clone(),
+                    batch_upper: batch.upper.clone(),
+                    append_lower: expected_upper,
+                    append_upper: new_upper,
+                }
+                .into());
+            }
+        }
+        if expected_upper == new_upper {
+            // Nothing to append: only the fence to check.
+            let current = self.fetch_recent_upper().await?.clone();
+            for batch in batches.iter_mut() {
+                batch.consumed = true;
+            }
+            return Ok(if current == expected_upper {
+                Ok(())
+            } else {
+                Err(UpperMismatch {
+                    expected: expected_upper,
+                    current,
+                })
+            });
+        }
+        let hollow = HollowBatch {
+            desc: Description::new(
+                expected_upper.clone(),
+                new_upper.clone(),
+                Antichain::from_elem(T::minimum()),
+            ),
+            parts: batches
+                .iter()
+                .flat_map(|b| b.parts.iter().cloned())
+                .collect(),
+            len: batches.iter().map(|b| b.len).sum(),
+        };
+        let token = IdempotencyToken::new();
+        let writer = self.writer_id;
+        let lease_ms = duration_ms(self.machine.cfg().writer_lease_duration);
+        let (_, result) = self
+            .machine
+            .apply(|state, now| {
+                state.expire_lapsed(now);
+                match state.compare_and_append(&hollow, writer, token, now, lease_ms) {
+                    Ok(()) => Transition::Write(Ok(())),
+                    Err(CompareAndAppendBreak::AlreadyCommitted) => Transition::Skip(Ok(())),
+                    Err(CompareAndAppendBreak::Upper(current)) => Transition::Refuse(Err(current)),
+                }
+            })
+            .await?;
+        match result {
+            Ok(()) => {
+                for batch in batches.iter_mut() {
+                    batch.consumed = true;
+                }
+                self.upper = new_upper;
+                Ok(Ok(()))
+            }
+            Err(current) => {
+                self.upper.clone_from(&current);
+                Ok(Err(UpperMismatch {
+                    expected: expected_upper,
+                    current,
+                }))
+            }
+        }
+    }
+
+    /// Turns a batch received from another process back into a [`Batch`].
+    /// Its shard is checked when it is appended.
+    pub fn batch_from_transmittable_batch(&self, batch: TransmittableBatch) -> Batch<K, V, T, D> {
+        Batch {
+            shard_id: batch.shard_id,
+            lower: Antichain::from_iter(batch.lower.iter().map(|t| T::decode(*t))),
+            upper: Antichain::from_iter(batch.upper.iter().map(|t| T::decode(*t))),
+            parts: batch.parts.into_iter().map(|p| p.into_hollow()).collect(),
+            len: batch.len,
+            blob: Arc::clone(&self.blob),
+            machine: self.machine.clone(),
+            consumed: false,
+            _phantom: PhantomData,
+        }
+    }
+
+    /// Advances the shard's upper to at least `target` by appending empty
+    /// batches (a no-op if it is already there).
+    pub async fn advance_upper(&mut self, target: &Antichain<T>) -> Result<(), ClientError<T>> {
+        let mut lower = self.machine.cached().upper.clone();
+        loop {
+            if PartialOrder::less_equal(target, &lower) {
+                self.upper = lower;
+                return Ok(());
+            }
+            let mut empty = self.builder(lower.clone()).finish(target.clone()).await?;
+            match self
+                .compare_and_append_batch(&mut [&mut empty], lower.clone(), target.clone())
+                .await?
+            {
+                Ok(()) => return Ok(()),
+                Err(mismatch) => lower = mismatch.current,
+            }
+        }
+    }
+
+    /// Releases this writer's registration. Its appends stay.
+    pub async fn expire(mut self) {
+        self.expire_now().await;
+    }
+
+    async fn expire_now(&mut self) {
+        self.expired = true;
+        self.heartbeat = None;
+        expire_writer(&self.machine, self.writer_id).await;
+    }
+
+    /// Whether the heartbeat task still runs (tests).
+    #[cfg(test)]
+    pub(crate) fn heartbeat_running(&self) -> bool {
+        self.heartbeat.as_ref().is_some_and(|h| !h.is_finished())
+    }
+}
+
+async fn expire_writer<T: Timestamp + Lattice + Codec64 + Sync>(
+    machine: &Machine<T>,
+    id: WriterId,
+) {
+    let result = machine
+        .apply(|state, _| {
+            if state.expire_writer(id) {
+                Transition::Write(())
+            } else {
+                Transition::Skip(())
+            }
+        })
+        .await;
+    if let Err(err) = result {
+        tracing::warn!(shard = %machine.shard_id(), %err, "could not expire writer {id}");
+    }
+}
+
+impl<K: Codec, V: Codec, T, D> Drop for WriteHandle<K, V, T, D> {
+    fn drop(&mut self) {
+        self.heartbeat = None;
+        if let Some(expire) = self.expire_on_drop.take()
+            && !self.expired
+        {
+            expire();
+        }
+    }
+}
+
+/// Expires a writer in the background when its handle is dropped (best
+/// effort: without a runtime the lease simply lapses).
+pub(crate) fn expire_writer_on_drop<T>(machine: &Machine<T>, id: WriterId) -> ExpireOnDrop
+where
+    T: Timestamp + Lattice + Codec64 + Sync,
+{
+    let machine = machine.clone();
+    Box::new(move || {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { expire_writer(&machine, id).await });
+        }
+    })
+}
+
+/// Starts a writer's heartbeats.
+pub(crate) fn start_heartbeats<T>(machine: &Machine<T>, id: WriterId) -> HeartbeatTask
+where
+    T: Timestamp + Lattice + Codec64 + Sync,
+{
+    let interval = heartbeat::interval_for(machine.cfg().writer_lease_duration);
+    heartbeat::spawn(
+        machine.clone(),
+        id.to_string(),
+        interval,
+        move |state, now| state.heartbeat_writer(id, now),
+    )
+}
+
+/// A duration in whole milliseconds, saturating.
+pub(crate) fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
