@@ -422,8 +422,16 @@ mod tests {
                 let kept = [snapshot.keep(&mut s), listen.keep(&mut l)];
                 assert_eq!(kept.iter().filter(|k| **k).count(), 1, "{t:?}");
                 assert_eq!(l, t, "listens do not advance times");
-                if kept[0] {
-                    assert!(as_of.less_equal(&s), "{s:?} advanced to the as_of");
+                // Advancing keeps how the time compares to every time at or
+                // beyond the as_of.
+                for u in (0..6).flat_map(|a| (0..6).map(move |b| Product::new(a, b))) {
+                    if kept[0] && as_of.less_equal(&u) {
+                        assert_eq!(
+                            s.less_equal(&u),
+                            t.less_equal(&u),
+                            "{t:?} -> {s:?} vs {u:?}"
+                        );
+                    }
                 }
                 // Part-level pruning never drops a time the filter keeps.
                 assert!(!kept[0] || snapshot.may_keep_part(&t, &t));

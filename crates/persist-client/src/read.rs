@@ -67,6 +67,7 @@ impl Leases {
     }
 
     /// Whether a part leased at `seqno` is still outstanding.
+    #[cfg(test)]
     pub(crate) fn is_leased(&self, seqno: SeqNo) -> bool {
         self.lock().contains_key(&seqno)
     }
@@ -509,6 +510,16 @@ where
         expire_on_drop: Some(expire_reader_on_drop(machine, reader_id)),
         _phantom: PhantomData,
     })
+}
+
+/// Expires `handle`'s reader in state without telling the handle, as a
+/// later transition does once its lease lapsed (tests).
+#[cfg(test)]
+pub(crate) async fn tests_expire_reader<K: Codec, V: Codec, T, D>(handle: &ReadHandle<K, V, T, D>)
+where
+    T: Timestamp + Lattice + Codec64 + Sync,
+{
+    expire_reader(&handle.machine, handle.reader_id).await;
 }
 
 async fn expire_reader<T: Timestamp + Lattice + Codec64 + Sync>(

@@ -424,6 +424,15 @@ where
     }
 }
 
+/// Expires `handle`'s writer in state without telling the handle (tests).
+#[cfg(test)]
+pub(crate) async fn tests_expire_writer<K: Codec, V: Codec, T, D>(handle: &WriteHandle<K, V, T, D>)
+where
+    T: Timestamp + Lattice + Codec64 + Sync,
+{
+    expire_writer(&handle.machine, handle.writer_id).await;
+}
+
 async fn expire_writer<T: Timestamp + Lattice + Codec64 + Sync>(
     machine: &Machine<T>,
     id: WriterId,

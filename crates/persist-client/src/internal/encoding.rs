@@ -69,6 +69,14 @@ pub enum StateDecodeError {
         /// The shard named inside the entry.
         found: String,
     },
+    /// The shard's times use another codec than the type it was read as,
+    /// so its frontiers cannot be interpreted (a caller mistake, reported
+    /// as a codec mismatch).
+    #[error("shard state has times of codec {}", actual.ts)]
+    TimeCodecMismatch {
+        /// The codecs the shard was created with.
+        actual: Codecs,
+    },
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -392,6 +400,16 @@ pub(crate) fn decode_state<T: Timestamp + Lattice + Codec64>(
     let codecs = proto
         .codecs
         .ok_or_else(|| StateDecodeError::Corrupt("missing codecs".to_owned()))?;
+    if codecs.ts != T::codec_name() {
+        return Err(StateDecodeError::TimeCodecMismatch {
+            actual: Codecs {
+                key: codecs.key,
+                val: codecs.val,
+                ts: codecs.ts,
+                diff: codecs.diff,
+            },
+        });
+    }
     let mut batches = Vec::with_capacity(proto.batches.len());
     for b in proto.batches {
         let lower = decode_antichain(b.lower, "batch lower")?;

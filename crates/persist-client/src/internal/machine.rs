@@ -167,7 +167,13 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
                 }
             };
             if let Some(head) = head {
-                break decode(shard_id, &head)?;
+                break decode(shard_id, &head).map_err(|err| match err {
+                    MachineError::Decode {
+                        source: StateDecodeError::TimeCodecMismatch { actual },
+                        ..
+                    } => mismatch(actual),
+                    other => other,
+                })?;
             }
             let initial = State::new(shard_id, codecs.clone(), now_ms());
             let entry = VersionedData {

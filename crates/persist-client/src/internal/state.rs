@@ -297,6 +297,7 @@ impl<T: Timestamp + Lattice> State<T> {
 
     /// The smallest SeqNo a leased reader holds a lease on, or this state's
     /// SeqNo if none does: states from it on must stay readable.
+    #[cfg_attr(not(test), allow(dead_code))] // Garbage collection will use it.
     pub fn seqno_since(&self) -> SeqNo {
         self.leased_readers
             .values()

@@ -1,0 +1,1 @@
+//! Semantics the issue adds beyond the seed tests.
