@@ -15,8 +15,10 @@ use timely::PartialOrder;
 use timely::progress::{Antichain, Timestamp};
 use uuid::Uuid;
 
+use crate::Marker;
 use crate::cfg::DynamicConfig;
 use crate::error::{ClientError, Codecs, InvalidUsage, ShardError};
+use crate::fetch::RawUpdate;
 use crate::ids::WriterId;
 use crate::internal::machine::{Backoff, Machine};
 use crate::internal::part::part_codecs;
@@ -41,7 +43,7 @@ pub struct Batch<K, V, T, D> {
     pub(crate) machine: Machine<T>,
     /// Whether the parts are accounted for (appended, transmitted, deleted).
     pub(crate) consumed: bool,
-    pub(crate) _phantom: PhantomData<fn() -> (K, V, D)>,
+    pub(crate) _phantom: Marker<(K, V, D)>,
 }
 
 impl<K, V, T: Debug, D> Debug for Batch<K, V, T, D> {
@@ -214,7 +216,7 @@ pub enum Added {
 pub struct BatchBuilder<K: Codec, V: Codec, T, D> {
     pub(crate) writer: PartWriter<T>,
     pub(crate) lower: Antichain<T>,
-    pub(crate) buffer: Vec<((Vec<u8>, Vec<u8>), T, D)>,
+    pub(crate) buffer: Vec<RawUpdate<T, D>>,
     pub(crate) buffered_bytes: usize,
     pub(crate) parts: Vec<HollowPart>,
     pub(crate) len: u64,
@@ -363,7 +365,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> PartWriter<T> {
     /// key, retrying external failures. Returns `None` for no updates.
     pub async fn write_part<D: Semigroup + Codec64>(
         &self,
-        updates: &[((Vec<u8>, Vec<u8>), T, D)],
+        updates: &[RawUpdate<T, D>],
     ) -> Result<Option<HollowPart>, ShardError> {
         let Some((_, first, _)) = updates.first() else {
             return Ok(None);

@@ -2,7 +2,6 @@
 //! an opaque token.
 
 use std::fmt::Debug;
-use std::marker::PhantomData;
 use std::time::Instant;
 
 use differential_dataflow::lattice::Lattice;
@@ -35,7 +34,7 @@ pub struct SinceHandle<K, V, T, D, O> {
     pub(crate) since: Antichain<T>,
     pub(crate) opaque: O,
     pub(crate) last_downgrade: Option<Instant>,
-    pub(crate) _phantom: PhantomData<fn() -> (K, V, D)>,
+    pub(crate) _phantom: crate::Marker<(K, V, D)>,
 }
 
 impl<K, V, T: Debug, D, O: Debug> Debug for SinceHandle<K, V, T, D, O> {

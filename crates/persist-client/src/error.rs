@@ -94,6 +94,13 @@ pub enum InvalidUsage<T: Debug> {
     /// The shard was opened with different codecs than it was created with.
     #[error(transparent)]
     CodecMismatch(Box<CodecMismatch>),
+    /// A batch was appended again over a different interval than the one
+    /// it was first appended with (batches are consumed once).
+    #[error("batch with parts {keys:?} was already appended over another interval")]
+    BatchAlreadyAppended {
+        /// The blob keys of the batch's parts.
+        keys: Vec<String>,
+    },
     /// A critical reader was opened with an opaque token type other than
     /// the one it was registered with.
     #[error("critical reader uses opaque codec {actual:?}, not {requested:?}")]

@@ -29,6 +29,9 @@ pub mod write;
 #[cfg(test)]
 mod tests;
 
+/// Marks a handle's unused type parameters without owning values of them.
+pub(crate) type Marker<X> = std::marker::PhantomData<fn() -> X>;
+
 pub use batch::{Added, Batch, BatchBuilder, TransmittableBatch};
 pub use cfg::{DynamicConfig, PersistConfig};
 pub use client::{CONTROLLER_CRITICAL_SINCE, Diagnostics, PersistClient, PersistClientCache};
@@ -39,5 +42,7 @@ pub use error::{
 pub use fetch::{BatchFetcher, FetchedPart, FetchedUpdate, LeasedBatchPart, SerdeLeasedBatchPart};
 pub use ids::{CriticalReaderId, IdParseError, IdempotencyToken, LeasedReaderId, WriterId};
 pub use persist_types::{PersistLocation, ShardId};
-pub use read::{Cursor, Listen, ListenEvent, ReadHandle, SnapshotPartsStats, Subscribe};
+pub use read::{
+    Cursor, Listen, ListenEvent, ListenStreamItem, ReadHandle, SnapshotPartsStats, Subscribe,
+};
 pub use write::WriteHandle;

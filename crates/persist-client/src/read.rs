@@ -37,6 +37,10 @@ pub enum ListenEvent<T, D> {
     Updates(Vec<D>),
 }
 
+/// An item of [`Listen::into_stream`].
+pub type ListenStreamItem<K, V, T, D> =
+    Result<ListenEvent<T, FetchedUpdate<K, V, T, D>>, ClientError<T>>;
+
 /// The SeqNos a reader has leased parts at, with the number of parts
 /// outstanding for each. Shared with cursors and subscriptions, which
 /// return their parts' leases as they finish with them.
@@ -765,9 +769,7 @@ where
 
     /// The listen as an endless stream of events. A part that cannot be
     /// read yields an error and ends the stream.
-    pub fn into_stream(
-        self,
-    ) -> impl Stream<Item = Result<ListenEvent<T, FetchedUpdate<K, V, T, D>>, ClientError<T>>> {
+    pub fn into_stream(self) -> impl Stream<Item = ListenStreamItem<K, V, T, D>> {
         futures::stream::unfold(
             (self, VecDeque::new(), false),
             |(mut listen, mut pending, done)| async move {

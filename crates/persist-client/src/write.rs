@@ -348,7 +348,12 @@ where
                 match state.compare_and_append(&hollow, writer, token, now, lease_ms) {
                     Ok(()) => Transition::Write(Ok(())),
                     Err(CompareAndAppendBreak::AlreadyCommitted) => Transition::Skip(Ok(())),
-                    Err(CompareAndAppendBreak::Upper(current)) => Transition::Refuse(Err(current)),
+                    Err(CompareAndAppendBreak::Upper(current)) => {
+                        Transition::Refuse(Err(Some(current)))
+                    }
+                    Err(CompareAndAppendBreak::PartsAlreadyAppended) => {
+                        Transition::Refuse(Err(None))
+                    }
                 }
             })
             .await?;
@@ -360,7 +365,11 @@ where
                 self.upper = new_upper;
                 Ok(Ok(()))
             }
-            Err(current) => {
+            Err(None) => Err(InvalidUsage::BatchAlreadyAppended {
+                keys: hollow.parts.iter().map(|p| p.key.clone()).collect(),
+            }
+            .into()),
+            Err(Some(current)) => {
                 self.upper.clone_from(&current);
                 Ok(Err(UpperMismatch {
                     expected: expected_upper,

@@ -146,6 +146,9 @@ pub(crate) enum CompareAndAppendBreak<T> {
     AlreadyCommitted,
     /// The shard's upper is not the batch's lower.
     Upper(Antichain<T>),
+    /// Some of the batch's parts were appended before, over another
+    /// interval: the batch was already consumed.
+    PartsAlreadyAppended,
 }
 
 /// Why [`State::snapshot`] cannot serve a read.
@@ -258,8 +261,14 @@ impl<T: Timestamp + Lattice> State<T> {
         // was appended: a retry whose writer (and token) expired meanwhile.
         // Reporting a mismatch instead would make the caller delete blobs
         // that state references.
-        if self.contains_any_part(batch) {
-            return Err(CompareAndAppendBreak::AlreadyCommitted);
+        if let Some(existing) = self.batch_with_any_part_of(batch) {
+            // The same append (a retry) ends where this one does; parts
+            // reused for another interval would be read twice.
+            return Err(if existing.desc.upper() == batch.desc.upper() {
+                CompareAndAppendBreak::AlreadyCommitted
+            } else {
+                CompareAndAppendBreak::PartsAlreadyAppended
+            });
         }
         if &self.upper != batch.desc.lower() {
             return Err(CompareAndAppendBreak::Upper(self.upper.clone()));
@@ -307,12 +316,12 @@ impl<T: Timestamp + Lattice> State<T> {
             .min(self.seqno)
     }
 
-    /// Whether any part of `batch` is referenced by a batch in state.
-    fn contains_any_part(&self, batch: &HollowBatch<T>) -> bool {
-        batch.parts.iter().any(|new| {
-            self.batches
+    /// The batch in state referencing a part of `batch`, if any.
+    fn batch_with_any_part_of(&self, batch: &HollowBatch<T>) -> Option<&HollowBatch<T>> {
+        self.batches.iter().find(|old| {
+            old.parts
                 .iter()
-                .any(|b| b.parts.iter().any(|old| old.key == new.key))
+                .any(|p| batch.parts.iter().any(|new| new.key == p.key))
         })
     }
 
