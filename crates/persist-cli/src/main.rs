@@ -7,12 +7,18 @@
 // A command-line tool reports to its user on stdout.
 #![allow(clippy::print_stdout)]
 
+mod admin;
 mod check;
+mod demo;
+mod inspect;
+mod types;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use persist::{open_blob, open_consensus};
+use persist_client::{PersistClient, PersistConfig};
 use persist_types::PersistLocation;
 
 /// Command-line access to persist: durable time-varying collections in a
@@ -41,6 +47,16 @@ enum Command {
     /// reads back and removes a probe value, and extends a probe log,
     /// reporting each step's latency.
     Check(check::Args),
+    /// Writes generated updates to a shard (a new one by default) in
+    /// batches at consecutive times, reads them back by snapshot and by
+    /// listen, and checks both against what was written.
+    Demo(demo::Args),
+    /// Shows a shard's state or blobs as JSON.
+    #[command(subcommand)]
+    Inspect(inspect::Command),
+    /// Closes or finalizes shards.
+    #[command(subcommand)]
+    Admin(admin::Command),
 }
 
 impl Cli {
@@ -66,5 +82,26 @@ async fn main() -> Result<()> {
     let location = cli.location()?;
     match &cli.command {
         Command::Check(args) => check::run(&location, args).await,
+        Command::Demo(args) => {
+            let client = open_client(&location).await?;
+            demo::run(&location, &client, args).await
+        }
+        Command::Inspect(command) => inspect::run(&location, command).await,
+        Command::Admin(command) => admin::run(&location, command).await,
     }
+}
+
+/// A client of `location`, naming the backend that could not be opened.
+async fn open_client(location: &PersistLocation) -> Result<PersistClient> {
+    let blob = open_blob(&location.blob_uri)
+        .await
+        .context("open blob store")?;
+    let consensus = open_consensus(&location.consensus_uri)
+        .await
+        .context("open consensus")?;
+    Ok(PersistClient::new(
+        PersistConfig::default(),
+        blob,
+        consensus,
+    ))
 }

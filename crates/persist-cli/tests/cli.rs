@@ -64,3 +64,342 @@ fn check_names_a_bad_location_and_fails() {
         "{stderr}"
     );
 }
+
+/// Runs persistcli, failing the test (with its output) unless it succeeds;
+/// returns its stdout.
+fn persistcli_ok(args: &[&str], dir: &std::path::Path) -> String {
+    let out = persistcli(args, dir);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "persistcli {args:?} failed\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Runs persistcli, failing the test unless it fails; returns its stderr.
+fn persistcli_err(args: &[&str], dir: &std::path::Path) -> String {
+    let out = persistcli(args, dir);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "persistcli {args:?} succeeded\n{}\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
+/// Runs a small demo on the embedded default in `dir`; returns the shard id
+/// it printed.
+fn demo(dir: &std::path::Path, batches: u32) -> String {
+    let batches = batches.to_string();
+    let stdout = persistcli_ok(&["demo", "--batches", &batches, "--batch-size", "300"], dir);
+    assert!(
+        stdout.contains("verified: snapshot and listen match the written data"),
+        "{stdout}"
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("shard id: "))
+        .unwrap_or_else(|| panic!("no shard id in {stdout}"))
+        .trim()
+        .to_owned()
+}
+
+fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn demo_writes_and_verifies_on_the_embedded_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = persistcli_ok(
+        &["demo", "--batches", "4", "--batch-size", "500"],
+        dir.path(),
+    );
+    assert!(
+        stdout.contains("wrote      2000 updates in 4 batches"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sqlite://"), "{stdout}");
+    assert!(
+        stdout.contains("verified: snapshot and listen match the written data"),
+        "{stdout}"
+    );
+    assert!(dir.path().join("persist-data/consensus.db").exists());
+}
+
+#[test]
+fn demo_appends_to_an_existing_shard_and_verifies_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = demo(dir.path(), 2);
+    let stdout = persistcli_ok(
+        &[
+            "demo",
+            "--shard",
+            &shard,
+            "--batches",
+            "2",
+            "--batch-size",
+            "100",
+        ],
+        dir.path(),
+    );
+    assert!(stdout.contains("at times 3..=4"), "{stdout}");
+    assert!(stdout.contains("verified"), "{stdout}");
+}
+
+#[test]
+fn inspect_state_shows_upper_batches_and_no_leftover_handles() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = demo(dir.path(), 3);
+    let state = json(&persistcli_ok(&["inspect", "state", &shard], dir.path()));
+    assert_eq!(state["shard_id"], shard.as_str());
+    // Time 0 is left empty; batches 1, 2 and 3 hold the updates.
+    assert_eq!(state["upper"], serde_json::json!(["4"]));
+    let batches = state["batches"].as_array().unwrap();
+    assert_eq!(batches.len(), 4, "{state:#}");
+    let lens: Vec<_> = batches.iter().map(|b| b["len"].as_u64().unwrap()).collect();
+    assert_eq!(lens, [0, 300, 300, 300]);
+    assert_eq!(state["codecs"]["ts"], "u64");
+    // The demo expires its handles.
+    assert_eq!(state["writers"], serde_json::json!({}));
+    assert_eq!(state["leased_readers"], serde_json::json!({}));
+
+    let again = json(&persistcli_ok(
+        &["inspect", "state", &shard, "--ts", "u64"],
+        dir.path(),
+    ));
+    assert_eq!(again["upper"], state["upper"]);
+    let stderr = persistcli_err(&["inspect", "state", &shard, "--ts", "i64"], dir.path());
+    assert!(stderr.contains("has u64 times, not i64"), "{stderr}");
+}
+
+#[test]
+fn inspect_state_of_a_missing_shard_fails_without_creating_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = "s00000000-0000-0000-0000-000000000001";
+    for _ in 0..2 {
+        let stderr = persistcli_err(&["inspect", "state", shard], dir.path());
+        assert!(stderr.contains("does not exist"), "{stderr}");
+    }
+    let stderr = persistcli_err(&["inspect", "state", "not-a-shard"], dir.path());
+    assert!(stderr.contains("invalid shard id"), "{stderr}");
+}
+
+#[test]
+fn inspect_blob_lists_the_parts_of_the_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = demo(dir.path(), 3);
+    let other = demo(dir.path(), 1);
+    let state = json(&persistcli_ok(&["inspect", "state", &shard], dir.path()));
+    let mut parts: Vec<(String, u64)> = state["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b["parts"].as_array().unwrap().clone())
+        .map(|p| {
+            (
+                p["key"].as_str().unwrap().to_owned(),
+                p["encoded_size_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    parts.sort();
+    assert_eq!(parts.len(), 3);
+
+    let blobs = json(&persistcli_ok(&["inspect", "blob", &shard], dir.path()));
+    let listed: Vec<(String, u64)> = blobs["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["key"].as_str().unwrap().to_owned(),
+                b["size_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, parts, "{blobs:#}");
+    assert_eq!(blobs["count"], 3);
+    assert_eq!(
+        blobs["total_bytes"].as_u64().unwrap(),
+        parts.iter().map(|(_, size)| size).sum::<u64>()
+    );
+    assert!(listed.iter().all(|(key, _)| !key.starts_with(&other)));
+}
+
+#[test]
+fn finalize_refuses_an_open_shard_and_succeeds_after_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = demo(dir.path(), 2);
+
+    let stderr = persistcli_err(&["admin", "finalize", &shard], dir.path());
+    assert!(stderr.contains("still open"), "{stderr}");
+    assert!(stderr.contains("persistcli admin close"), "{stderr}");
+    let blobs = json(&persistcli_ok(&["inspect", "blob", &shard], dir.path()));
+    assert_eq!(blobs["count"], 2, "a refused finalize deletes nothing");
+
+    let stdout = persistcli_ok(&["admin", "close", &shard], dir.path());
+    assert!(stdout.contains("closed shard"), "{stdout}");
+    let state = json(&persistcli_ok(&["inspect", "state", &shard], dir.path()));
+    assert_eq!(state["since"], serde_json::json!([]));
+    assert_eq!(state["upper"], serde_json::json!([]));
+    let stdout = persistcli_ok(&["admin", "close", &shard], dir.path());
+    assert!(stdout.contains("already closed"), "{stdout}");
+
+    let stdout = persistcli_ok(&["admin", "finalize", &shard], dir.path());
+    assert!(stdout.contains("finalized shard"), "{stdout}");
+    let blobs = json(&persistcli_ok(&["inspect", "blob", &shard], dir.path()));
+    assert_eq!(blobs["count"], 0, "{blobs:#}");
+    assert_eq!(blobs["blobs"], serde_json::json!([]));
+    let state = json(&persistcli_ok(&["inspect", "state", &shard], dir.path()));
+    assert_eq!(state["finalized"], true);
+
+    // Finalizing again is a no-op; the shard cannot be written any more.
+    persistcli_ok(&["admin", "finalize", &shard], dir.path());
+    let stderr = persistcli_err(&["demo", "--shard", &shard], dir.path());
+    assert!(stderr.contains("finalized"), "{stderr}");
+}
+
+#[test]
+fn admin_refuses_a_missing_shard_without_creating_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = "s00000000-0000-0000-0000-000000000002";
+    for command in ["finalize", "close"] {
+        let stderr = persistcli_err(&["admin", command, shard], dir.path());
+        assert!(stderr.contains("does not exist"), "{stderr}");
+    }
+    let stderr = persistcli_err(&["inspect", "state", shard], dir.path());
+    assert!(stderr.contains("does not exist"), "{stderr}");
+}
+
+#[test]
+fn new_subcommands_name_a_bad_location_and_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = "s00000000-0000-0000-0000-000000000003";
+    let bad_blob = ["--blob", "ftp://example/x"];
+    for command in [
+        &["demo"][..],
+        &["inspect", "state", shard],
+        &["inspect", "blob", shard],
+        &["admin", "close", shard],
+        &["admin", "finalize", shard],
+    ] {
+        let args: Vec<&str> = command.iter().chain(&bad_blob).copied().collect();
+        let stderr = persistcli_err(&args, dir.path());
+        assert!(stderr.contains("open blob store"), "{stderr}");
+        assert!(
+            stderr.contains("unsupported blob uri scheme \"ftp\""),
+            "{stderr}"
+        );
+    }
+    let stderr = persistcli_err(
+        &["demo", "--consensus", "postgres://u:hunter2@127.0.0.1:1/db"],
+        dir.path(),
+    );
+    assert!(stderr.contains("open consensus"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn close_fails_naming_a_live_reader_that_holds_the_since() {
+    use std::sync::Arc;
+
+    use persist_client::{Diagnostics, PersistClientCache, PersistConfig};
+    use persist_types::{PersistLocation, StringSchema};
+
+    let dir = tempfile::tempdir().unwrap();
+    let shard = demo(dir.path(), 2);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let location = PersistLocation::embedded(&dir.path().join("persist-data"));
+    let reader = runtime.block_on(async {
+        let client = PersistClientCache::new(PersistConfig::default())
+            .open(location)
+            .await
+            .unwrap();
+        client
+            .open_leased_reader::<String, String, u64, i64>(
+                shard.parse().unwrap(),
+                Arc::new(StringSchema::default()),
+                Arc::new(StringSchema::default()),
+                Diagnostics::from_purpose("a reader in the test"),
+            )
+            .await
+            .unwrap()
+    });
+
+    let stderr = persistcli_err(&["admin", "close", &shard], dir.path());
+    assert!(stderr.contains("other readers hold its since"), "{stderr}");
+    assert!(stderr.contains("a reader in the test"), "{stderr}");
+    let stderr = persistcli_err(&["admin", "finalize", &shard], dir.path());
+    assert!(stderr.contains("still open"), "{stderr}");
+
+    runtime.block_on(reader.expire());
+    persistcli_ok(&["admin", "close", &shard], dir.path());
+    persistcli_ok(&["admin", "finalize", &shard], dir.path());
+}
+
+#[test]
+fn other_types_are_inspected_and_refused_by_name() {
+    use std::sync::Arc;
+
+    use persist_client::{Diagnostics, PersistClientCache, PersistConfig};
+    use persist_types::{PersistLocation, ShardId, U64Schema};
+    use timely::progress::Antichain;
+
+    let dir = tempfile::tempdir().unwrap();
+    let shard = ShardId::new();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let location = PersistLocation::embedded(&dir.path().join("persist-data"));
+    runtime.block_on(async {
+        let client = PersistClientCache::new(PersistConfig::default())
+            .open(location)
+            .await
+            .unwrap();
+        let (mut write, read) = client
+            .open::<u64, u64, i64, i64>(
+                shard,
+                Arc::new(U64Schema::default()),
+                Arc::new(U64Schema::default()),
+                Diagnostics::for_tests(),
+            )
+            .await
+            .unwrap();
+        write
+            .compare_and_append(
+                &[((1u64, 2u64), -5i64, 1i64)],
+                Antichain::from_elem(i64::MIN),
+                Antichain::from_elem(7),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        write.expire().await;
+        read.expire().await;
+    });
+    let shard = shard.to_string();
+
+    let state = json(&persistcli_ok(&["inspect", "state", &shard], dir.path()));
+    assert_eq!(state["codecs"]["ts"], "i64");
+    assert_eq!(state["upper"], serde_json::json!(["7"]));
+    let stderr = persistcli_err(&["inspect", "state", &shard, "--ts", "u64"], dir.path());
+    assert!(stderr.contains("has i64 times, not u64"), "{stderr}");
+
+    for args in [
+        &["demo", "--shard", &shard][..],
+        &["admin", "close", &shard],
+        &["admin", "finalize", &shard],
+    ] {
+        let stderr = persistcli_err(args, dir.path());
+        assert!(
+            stderr.contains("holds (key u64, value u64, time i64, diff i64)"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("only shards of (key String, value String, time u64, diff i64)"),
+            "{stderr}"
+        );
+    }
+}

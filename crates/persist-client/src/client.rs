@@ -9,17 +9,17 @@ use std::sync::Arc;
 use differential_dataflow::difference::Semigroup;
 use differential_dataflow::lattice::Lattice;
 use persist::mem::{MemBlob, MemConsensus};
-use persist::{Blob, Consensus, OpenError, open_blob, open_consensus};
+use persist::{Blob, Consensus, OpenError, VersionedData, open_blob, open_consensus};
 use persist_types::{Codec, Codec64, Opaque, PersistLocation, ShardId};
 use timely::progress::Timestamp;
 
 use crate::cfg::{DynamicConfig, PersistConfig};
 use crate::critical::SinceHandle;
-use crate::error::{ClientError, InvalidUsage, ShardError};
+use crate::error::{ClientError, CodecMismatch, Codecs, InvalidUsage, ShardError};
 use crate::fetch::{BatchFetcher, PartReader};
 use crate::ids::{CriticalReaderId, LeasedReaderId, WriterId};
 use crate::internal::cache::StateCache;
-use crate::internal::encoding::decode_state;
+use crate::internal::encoding::{StateDecodeError, decode_codecs, decode_state};
 use crate::internal::inspect::state_json;
 use crate::internal::machine::{Backoff, Machine, Transition};
 use crate::internal::part::codecs_of;
@@ -230,7 +230,7 @@ impl PersistClient {
         let purpose = diagnostics.purpose();
         let (_, upper) = machine
             .apply(|state, now| {
-                if state.is_tombstone() {
+                if state.is_finalized() {
                     return Transition::Refuse(None);
                 }
                 state.expire_lapsed(now);
@@ -281,7 +281,7 @@ impl PersistClient {
         let codec = O::codec_name();
         let (_, registered) = machine
             .apply(|state, _| {
-                if state.is_tombstone() && !state.critical_readers.contains_key(&reader_id) {
+                if state.is_finalized() {
                     return Transition::Refuse(Err(None));
                 }
                 let known = state.critical_readers.contains_key(&reader_id);
@@ -406,9 +406,35 @@ impl PersistClient {
         Ok(())
     }
 
+    /// The latest consensus entry of a shard, retrying external failures.
+    async fn head(&self, shard_id: ShardId) -> Option<VersionedData> {
+        let mut backoff = Backoff::new(&self.cfg.get());
+        loop {
+            match self.consensus.head(&shard_id.to_string()).await {
+                Ok(head) => return head,
+                Err(err) => backoff.wait("read state", shard_id, &err).await,
+            }
+        }
+    }
+
+    /// The codecs `shard_id` was created with, whatever its types, or
+    /// `None` if it does not exist (it is not created).
+    pub async fn shard_codecs(&self, shard_id: ShardId) -> Result<Option<Codecs>, ShardError> {
+        let Some(head) = self.head(shard_id).await else {
+            return Ok(None);
+        };
+        decode_codecs(shard_id, &head.data)
+            .map(Some)
+            .map_err(|e| ShardError::State {
+                shard: shard_id,
+                reason: e.to_string(),
+            })
+    }
+
     /// The shard's latest state as JSON (frontiers, batches with their
     /// parts, readers, writers), for debugging and `persistcli inspect`.
-    /// Does not create the shard: a missing shard is `Ok(None)`.
+    /// Does not create the shard: a missing shard is `Ok(None)`. Fails with
+    /// `CodecMismatch` if the shard's times are not of type `T`.
     pub async fn inspect_shard<T>(
         &self,
         shard_id: ShardId,
@@ -416,17 +442,22 @@ impl PersistClient {
     where
         T: Timestamp + Lattice + Codec64 + Sync,
     {
-        let mut backoff = Backoff::new(&self.cfg.get());
-        let head = loop {
-            match self.consensus.head(&shard_id.to_string()).await {
-                Ok(head) => break head,
-                Err(err) => backoff.wait("read state", shard_id, &err).await,
-            }
+        let Some(head) = self.head(shard_id).await else {
+            return Ok(None);
         };
-        let Some(head) = head else { return Ok(None) };
-        let state = decode_state::<T>(shard_id, &head.data).map_err(|e| ShardError::State {
-            shard: shard_id,
-            reason: e.to_string(),
+        let state = decode_state::<T>(shard_id, &head.data).map_err(|e| match e {
+            StateDecodeError::TimeCodecMismatch { actual } => ClientError::from(CodecMismatch {
+                requested: Codecs {
+                    ts: T::codec_name(),
+                    ..actual.clone()
+                },
+                actual,
+            }),
+            other => ShardError::State {
+                shard: shard_id,
+                reason: other.to_string(),
+            }
+            .into(),
         })?;
         Ok(Some(state_json(&state)))
     }

@@ -160,6 +160,7 @@ where
                 // Held parts pin the state they were leased at; with none
                 // held, only the state this transition writes is needed.
                 let outstanding = leases.oldest().unwrap_or(state.seqno);
+                state.expire_lapsed(now);
                 match state.downgrade_since(id, outstanding, &new_since, now) {
                     Some(since) => Transition::Write(Some(since)),
                     None => Transition::Refuse(None),
@@ -481,7 +482,7 @@ where
     let lease_ms = duration_ms(lease);
     let (_, since) = machine
         .apply(|state, now| {
-            if state.is_tombstone() {
+            if state.is_finalized() {
                 return Transition::Refuse(None);
             }
             state.expire_lapsed(now);

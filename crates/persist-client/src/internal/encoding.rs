@@ -361,10 +361,8 @@ fn major_minor(version: &str) -> Option<(u64, u64)> {
 
 /// Decodes the consensus entry `bytes` of shard `shard_id`, refusing
 /// entries this code must not interpret (see the module docs).
-pub(crate) fn decode_state<T: Timestamp + Lattice + Codec64>(
-    shard_id: ShardId,
-    bytes: &[u8],
-) -> Result<State<T>, StateDecodeError> {
+/// Decodes an entry's message after checking its versions and shard.
+fn decode_proto(shard_id: ShardId, bytes: &[u8]) -> Result<ProtoState, StateDecodeError> {
     let corrupt = |e: prost::DecodeError| StateDecodeError::Corrupt(e.to_string());
     let versions = ProtoVersions::decode(bytes).map_err(corrupt)?;
     if versions.encoding_version == 0 {
@@ -397,6 +395,27 @@ pub(crate) fn decode_state<T: Timestamp + Lattice + Codec64>(
             found: proto.shard_id,
         });
     }
+    Ok(proto)
+}
+
+/// The codecs recorded in an entry, whatever its time type.
+pub(crate) fn decode_codecs(shard_id: ShardId, bytes: &[u8]) -> Result<Codecs, StateDecodeError> {
+    let codecs = decode_proto(shard_id, bytes)?
+        .codecs
+        .ok_or_else(|| StateDecodeError::Corrupt("missing codecs".to_owned()))?;
+    Ok(Codecs {
+        key: codecs.key,
+        val: codecs.val,
+        ts: codecs.ts,
+        diff: codecs.diff,
+    })
+}
+
+pub(crate) fn decode_state<T: Timestamp + Lattice + Codec64>(
+    shard_id: ShardId,
+    bytes: &[u8],
+) -> Result<State<T>, StateDecodeError> {
+    let proto = decode_proto(shard_id, bytes)?;
     let codecs = proto
         .codecs
         .ok_or_else(|| StateDecodeError::Corrupt("missing codecs".to_owned()))?;

@@ -185,6 +185,11 @@ async fn finalize_deletes_blobs_and_leaves_a_tombstone() {
 
     write.advance_upper(&Antichain::new()).await.unwrap();
     read.downgrade_since(&Antichain::new()).await.unwrap();
+    // Closed but not yet finalized: still opens (there is nothing to do).
+    let (closed_writer, closed_reader) =
+        expect_open::<String, String, u64, i64>(&client, shard).await;
+    assert!(closed_writer.upper().is_empty() && closed_reader.since().is_empty());
+    drop((closed_writer, closed_reader));
     finalize().await.unwrap();
     assert!(is_finalized().await.unwrap());
     assert_eq!(
@@ -224,6 +229,18 @@ async fn finalize_deletes_blobs_and_leaves_a_tombstone() {
     }
     let state = client.inspect_shard::<u64>(shard).await.unwrap().unwrap();
     assert_eq!(state["finalized"], serde_json::json!(true));
+    // Inspecting needs the right time type, but learning the codecs does not.
+    let err = client.inspect_shard::<i64>(shard).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::InvalidUsage(InvalidUsage::CodecMismatch(_))
+        ),
+        "{err:?}"
+    );
+    let codecs = client.shard_codecs(shard).await.unwrap().unwrap();
+    assert_eq!((codecs.key.as_str(), codecs.ts.as_str()), ("String", "u64"));
+    assert_eq!(client.shard_codecs(ShardId::new()).await.unwrap(), None);
 }
 
 /// A snapshot below the since fails with `Since`; at or beyond it, it is
