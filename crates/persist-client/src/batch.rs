@@ -218,6 +218,10 @@ pub struct BatchBuilder<K: Codec, V: Codec, T, D> {
     pub(crate) lower: Antichain<T>,
     pub(crate) buffer: Vec<RawUpdate<T, D>>,
     pub(crate) buffered_bytes: usize,
+    /// The maximal times added so far: an update is at or beyond an upper
+    /// iff one of these is. (The join of a part's times is not enough: with
+    /// partially ordered times it can be beyond an upper none of them is.)
+    pub(crate) maxima: Vec<T>,
     pub(crate) parts: Vec<HollowPart>,
     pub(crate) len: u64,
     pub(crate) _phantom: PhantomData<fn() -> (K, V)>,
@@ -250,6 +254,7 @@ where
             lower,
             buffer: Vec::new(),
             buffered_bytes: 0,
+            maxima: Vec::new(),
             parts: Vec::new(),
             len: 0,
             _phantom: PhantomData,
@@ -272,6 +277,10 @@ where
                 lower: self.lower.clone(),
             }
             .into());
+        }
+        if !self.maxima.iter().any(|m| ts.less_equal(m)) {
+            self.maxima.retain(|m| !m.less_equal(ts));
+            self.maxima.push(ts.clone());
         }
         let (mut k, mut v) = (Vec::new(), Vec::new());
         key.encode(&mut k);
@@ -314,18 +323,7 @@ where
             }
             .into());
         }
-        let beyond = self
-            .buffer
-            .iter()
-            .map(|(_, t, _)| t)
-            .find(|t| upper.less_equal(t))
-            .cloned();
-        let beyond = beyond.or_else(|| {
-            self.parts
-                .iter()
-                .map(|p| T::decode(p.ts_upper))
-                .find(|t| upper.less_equal(t))
-        });
+        let beyond = self.maxima.iter().find(|t| upper.less_equal(t)).cloned();
         if let Some(ts) = beyond {
             self.writer.delete_parts(&self.parts).await;
             return Err(InvalidUsage::UpdateBeyondUpper {

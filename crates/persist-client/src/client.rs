@@ -279,6 +279,9 @@ impl PersistClient {
         let purpose = diagnostics.purpose();
         let initial = O::initial().encode();
         let codec = O::codec_name();
+        // An existing reader is returned as the cache has it: make that the
+        // latest state, not one from before another process's downgrade.
+        machine.fetch_latest().await?;
         let (_, registered) = machine
             .apply(|state, _| {
                 if state.is_finalized() {

@@ -197,6 +197,7 @@ pub struct SerdeLeasedBatchPart {
     shard_id: ShardId,
     reader_id: Option<LeasedReaderId>,
     leased_seqno: Option<u64>,
+    #[serde(deserialize_with = "deserialize_lower")]
     lower: Vec<[u8; 8]>,
     upper: Vec<[u8; 8]>,
     since: Vec<[u8; 8]>,
@@ -209,6 +210,18 @@ pub struct SerdeLeasedBatchPart {
     ts_upper: [u8; 8],
     as_of: Vec<[u8; 8]>,
     listen: bool,
+}
+
+/// A batch's lower is never the empty frontier (and `Description` panics
+/// on one): refuse it where the bytes from another process are decoded.
+fn deserialize_lower<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<[u8; 8]>, D::Error> {
+    let lower = Vec::<[u8; 8]>::deserialize(d)?;
+    if lower.is_empty() {
+        return Err(serde::de::Error::custom(
+            "a part's lower is the empty frontier",
+        ));
+    }
+    Ok(lower)
 }
 
 impl SerdeLeasedBatchPart {

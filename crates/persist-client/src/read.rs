@@ -296,16 +296,26 @@ where
         as_of: Antichain<T>,
     ) -> Result<Vec<FetchedUpdate<K, V, T, D>>, ClientError<T>> {
         let parts = self.snapshot(as_of).await?;
+        // Every part was leased at one state: return the leases when done,
+        // or if this future is dropped while fetching.
+        let _unlease = Unlease {
+            leases: self.leases.clone(),
+            seqno: parts
+                .first()
+                .and_then(|p| p.leased_seqno)
+                .unwrap_or(SeqNo(0)),
+            count: parts.len(),
+        };
         let mut raw: Vec<RawUpdate<T, D>> = Vec::new();
         let mut failed = None;
-        for part in parts {
-            if failed.is_none() {
-                match self.reader.fetch_raw(&part).await {
-                    Ok(mut updates) => raw.append(&mut updates),
-                    Err(err) => failed = Some(err),
+        for part in &parts {
+            match self.reader.fetch_raw(part).await {
+                Ok(mut updates) => raw.append(&mut updates),
+                Err(err) => {
+                    failed = Some(err);
+                    break;
                 }
             }
-            self.release(&part);
         }
         if let Some(err) = failed {
             return Err(err.into());
@@ -693,13 +703,24 @@ where
                     let parts =
                         self.handle
                             .lease_parts(&state, std::slice::from_ref(batch), &filter);
-                    self.walk = batch.desc.upper().clone();
                     if parts.is_empty() && PartialOrder::less_equal(batch.desc.upper(), &self.as_of)
                     {
                         // Entirely at or before the as_of: nothing to report.
+                        self.walk = batch.desc.upper().clone();
                         continue;
                     }
+                    // Move on only once the batch is handed out: if the
+                    // downgrade below fails or this future is dropped, the
+                    // next call reads the batch again (and the leases taken
+                    // here are returned).
+                    let mut unlease = Unlease {
+                        leases: self.handle.leases.clone(),
+                        seqno: state.seqno,
+                        count: parts.len(),
+                    };
                     self.advance(batch.desc.upper().clone()).await?;
+                    unlease.count = 0;
+                    self.walk = batch.desc.upper().clone();
                     return Ok((parts, self.frontier.clone()));
                 }
             }
@@ -707,19 +728,22 @@ where
         }
     }
 
-    /// Moves the reported frontier to `upper` and the since after it.
+    /// Moves the since after the reported frontier, then the frontier to
+    /// `upper` (neither moves if the downgrade fails or is cancelled).
     async fn advance(&mut self, upper: Antichain<T>) -> Result<(), ClientError<T>> {
         // The since may follow the frontier only where the previous
         // frontier is strictly before the new one: the next batch must
         // still tell times at the frontier from those just before it.
+        let mut since = self.since.clone();
         for t in self.frontier.elements() {
             if upper.elements().iter().any(|u| t.less_than(u)) {
-                self.since.join_assign(&Antichain::from_elem(t.clone()));
+                since.join_assign(&Antichain::from_elem(t.clone()));
             }
         }
+        self.handle.maybe_downgrade_since(&since).await?;
+        self.since = since;
         self.frontier = upper;
-        let since = self.since.clone();
-        self.handle.maybe_downgrade_since(&since).await
+        Ok(())
     }
 
     /// Like [`Listen::next`], but fetches the parts: the events of the next
@@ -828,6 +852,21 @@ where
     #[cfg(test)]
     pub(crate) fn since(&self) -> &Antichain<T> {
         &self.since
+    }
+}
+
+/// Returns `count` leases at `seqno` when dropped.
+struct Unlease {
+    leases: Leases,
+    seqno: SeqNo,
+    count: usize,
+}
+
+impl Drop for Unlease {
+    fn drop(&mut self) {
+        for _ in 0..self.count {
+            self.leases.release(self.seqno);
+        }
     }
 }
 

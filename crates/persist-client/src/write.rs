@@ -241,18 +241,23 @@ where
             let Err(mismatch) = result else {
                 return Ok(Ok(()));
             };
-            if PartialOrder::less_than(&mismatch.current, &lower) {
-                // Not yet contiguous: the caller must wait or fill the gap.
-                return Ok(Err(mismatch));
+            if PartialOrder::less_equal(&upper, &mismatch.current) {
+                // Everything up to `upper` is already written.
+                batch.delete().await;
+                return Ok(Ok(()));
             }
-            if PartialOrder::less_than(&mismatch.current, &upper) {
+            if PartialOrder::less_equal(&lower, &mismatch.current)
+                && PartialOrder::less_than(&mismatch.current, &upper)
+            {
                 // Part of the interval is already written: append the rest.
                 lower = mismatch.current;
                 continue;
             }
-            // Everything up to `upper` is already written.
+            // Not contiguous (with partially ordered times the shard's
+            // upper may also be incomparable to the interval): the caller
+            // must wait or fill the gap. The batch is consumed either way.
             batch.delete().await;
-            return Ok(Ok(()));
+            return Ok(Err(mismatch));
         }
     }
 
@@ -283,6 +288,17 @@ where
                 }
                 .into());
             }
+        }
+        // Two copies of one batch would be read twice.
+        let mut keys = std::collections::BTreeSet::new();
+        let repeated: Vec<String> = batches
+            .iter()
+            .flat_map(|b| b.parts.iter())
+            .filter(|p| !keys.insert(p.key.as_str()))
+            .map(|p| p.key.clone())
+            .collect();
+        if !repeated.is_empty() {
+            return Err(InvalidUsage::BatchAlreadyAppended { keys: repeated }.into());
         }
         if !PartialOrder::less_equal(&expected_upper, &new_upper) {
             return Err(InvalidUsage::InvalidBounds {

@@ -262,9 +262,15 @@ impl<T: Timestamp + Lattice> State<T> {
         // Reporting a mismatch instead would make the caller delete blobs
         // that state references.
         if let Some(existing) = self.batch_with_any_part_of(batch) {
-            // The same append (a retry) ends where this one does; parts
-            // reused for another interval would be read twice.
-            return Err(if existing.desc.upper() == batch.desc.upper() {
+            // The same append (a retry) ends where this one does and has
+            // no parts the first did not; parts reused for another interval
+            // would be read twice, and new parts would be lost.
+            let retry = existing.desc.upper() == batch.desc.upper()
+                && batch
+                    .parts
+                    .iter()
+                    .all(|new| existing.parts.iter().any(|p| p.key == new.key));
+            return Err(if retry {
                 CompareAndAppendBreak::AlreadyCommitted
             } else {
                 CompareAndAppendBreak::PartsAlreadyAppended

@@ -14,6 +14,7 @@ use crate::{Diagnostics, FetchedUpdate, Listen, PersistClient, ReadHandle, Write
 
 mod api;
 mod read;
+mod review;
 mod semantics;
 
 /// An update of the string shards most tests use.
