@@ -379,6 +379,15 @@ where
                     batch.consumed = true;
                 }
                 self.upper = new_upper;
+                // An append re-registers a writer whose lease had lapsed;
+                // its heartbeats, which stopped then, start again.
+                if self
+                    .heartbeat
+                    .as_ref()
+                    .is_none_or(HeartbeatTask::is_finished)
+                {
+                    self.heartbeat = Some(start_heartbeats(&self.machine, self.writer_id));
+                }
                 Ok(Ok(()))
             }
             Err(None) => Err(InvalidUsage::BatchAlreadyAppended {

@@ -17,7 +17,6 @@ pub(crate) struct HeartbeatTask(JoinHandle<()>);
 impl HeartbeatTask {
     /// Whether the task has stopped (its handle was expired or the shard
     /// finalized).
-    #[cfg(test)]
     pub fn is_finished(&self) -> bool {
         self.0.is_finished()
     }

@@ -689,7 +689,16 @@ async fn heartbeat_task_shutdown() {
         !read.heartbeat_running() && !write.heartbeat_running()
     })
     .await;
-    // The handles' later operations report the expiry.
+    // An append lets the expired writer back in, heartbeating again.
+    let mut write = write;
+    let empty: &[(((), ()), u64, i64)] = &[];
+    write
+        .compare_and_append(empty, f(0), f(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(write.heartbeat_running());
+    // A reader's later operations report its expiry.
     let mut read = read;
     let err = read.downgrade_since(&f(1)).await.unwrap_err();
     assert!(
