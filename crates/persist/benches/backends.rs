@@ -28,43 +28,16 @@ use persist::postgres::PostgresConsensus;
 use persist::s3::{S3Blob, S3BlobConfig};
 use persist::sqlite::SqliteConsensus;
 use persist::testing;
+use persist::testing::bench::{self, Latencies, MIB, mib_per_sec, ms};
 use persist::{Blob, CaSResult, Consensus, SeqNo, VersionedData};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
-const MIB: usize = 1 << 20;
 /// The size of each consensus entry: a small shard state diff.
 const CAS_PAYLOAD: usize = 512;
 
 fn rounds() -> usize {
-    std::env::var("PERSIST_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(5)
-}
-
-fn mib_per_sec(bytes: usize, elapsed: Duration) -> f64 {
-    bytes as f64 / MIB as f64 / elapsed.as_secs_f64()
-}
-
-/// Latencies of one series of operations.
-#[derive(Default)]
-struct Latencies(Vec<Duration>);
-
-impl Latencies {
-    fn percentile(&mut self, p: f64) -> Duration {
-        self.0.sort();
-        let idx = ((self.0.len() as f64 - 1.0) * p).round() as usize;
-        self.0[idx]
-    }
-
-    fn ops_per_sec(&self) -> f64 {
-        self.0.len() as f64 / self.0.iter().sum::<Duration>().as_secs_f64()
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+    bench::rounds(5)
 }
 
 /// The baseline for blob writes: create, write and fsync a file.
@@ -230,7 +203,7 @@ async fn bench_consensus(
             let new = raw_head.map_or(0, |h| h + 1);
             let start = Instant::now();
             let won = raw.cas("bench", raw_head, new, &data).await?;
-            baseline.0.push(start.elapsed());
+            baseline.push(start.elapsed());
             assert!(won, "raw CAS lost without contention");
             raw_head = Some(new);
         }
@@ -242,7 +215,7 @@ async fn bench_consensus(
             let seqno = new.seqno;
             let start = Instant::now();
             let result = consensus.compare_and_set("bench", head, new).await?;
-            ours.0.push(start.elapsed());
+            ours.push(start.elapsed());
             assert_eq!(result, CaSResult::Committed);
             head = Some(seqno);
         }

@@ -5,9 +5,13 @@
 //! `.services.env` at the workspace root; `cargo xtask test` also exports
 //! them. A test whose server is not configured is skipped with a message,
 //! except under `CI=true`, where it fails: CI must never pass by skipping.
+//!
+//! [`bench`] holds the measuring helpers the benchmarks share.
 
 // Skips are announced on stderr, where the test harness shows them.
 #![allow(clippy::print_stderr)]
+
+pub mod bench;
 
 use std::path::Path;
 
