@@ -218,6 +218,8 @@ pub struct BatchBuilder<K: Codec, V: Codec, T, D> {
     pub(crate) lower: Antichain<T>,
     pub(crate) buffer: Vec<RawUpdate<T, D>>,
     pub(crate) buffered_bytes: usize,
+    /// The part size to aim for, read once when the builder is made.
+    pub(crate) target_size: usize,
     /// The maximal times added so far: an update is at or beyond an upper
     /// iff one of these is. (The join of a part's times is not enough: with
     /// partially ordered times it can be beyond an upper none of them is.)
@@ -249,11 +251,13 @@ where
     D: Semigroup + Codec64,
 {
     pub(crate) fn new(writer: PartWriter<T>, lower: Antichain<T>) -> Self {
+        let target_size = writer.cfg.get().blob_target_size.max(1);
         BatchBuilder {
             writer,
             lower,
             buffer: Vec::new(),
             buffered_bytes: 0,
+            target_size,
             maxima: Vec::new(),
             parts: Vec::new(),
             len: 0,
@@ -287,7 +291,7 @@ where
         val.encode(&mut v);
         self.buffered_bytes += k.len() + v.len() + UPDATE_OVERHEAD_BYTES;
         self.buffer.push(((k, v), ts.clone(), diff.clone()));
-        if self.buffered_bytes >= self.writer.cfg.get().blob_target_size.max(1) {
+        if self.buffered_bytes >= self.target_size {
             self.flush().await?;
             return Ok(Added::RecordAndParts);
         }
@@ -368,7 +372,16 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> PartWriter<T> {
         let Some((_, first, _)) = updates.first() else {
             return Ok(None);
         };
-        let mut builder = persist::part::PartBuilder::new(part_codecs(&self.codecs));
+        let (key_bytes, val_bytes) = updates.iter().fold((0, 0), |(k, v), ((key, val), _, _)| {
+            (k + key.len(), v + val.len())
+        });
+        let mut builder = persist::part::PartBuilder::with_capacity(
+            part_codecs(&self.codecs),
+            updates.len(),
+            key_bytes,
+            val_bytes,
+        )
+        .with_compression(self.cfg.get().part_compression);
         let mut ts_lower = first.clone();
         let mut ts_upper = first.clone();
         for ((k, v), t, d) in updates {

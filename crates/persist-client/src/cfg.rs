@@ -16,6 +16,10 @@ pub struct PersistConfig {
     /// The target size of one part in blob. Larger means fewer blobs and
     /// requests; smaller means less memory per part while reading.
     pub blob_target_size: usize,
+    /// Whether new parts are Snappy-compressed. Compression saves blob
+    /// bytes (and transfer) when keys and values repeat, at a CPU cost on
+    /// every write and read; parts of either kind are always readable.
+    pub part_compression: bool,
     /// The first delay between retries of a failed external operation; it
     /// doubles up to [`PersistConfig::max_retry_backoff`].
     pub initial_retry_backoff: Duration,
@@ -37,6 +41,7 @@ impl Default for PersistConfig {
             reader_lease_duration: Duration::from_secs(15 * 60),
             writer_lease_duration: Duration::from_secs(60 * 60),
             blob_target_size: 8 << 20,
+            part_compression: false,
             initial_retry_backoff: Duration::from_millis(4),
             max_retry_backoff: Duration::from_secs(16),
             listen_poll_max: Duration::from_millis(250),
@@ -75,6 +80,7 @@ impl PersistConfig {
             reader_lease_duration: Duration::from_secs(60),
             writer_lease_duration: Duration::from_secs(60),
             blob_target_size: 128 << 10,
+            part_compression: true,
             initial_retry_backoff: Duration::from_millis(1),
             max_retry_backoff: Duration::from_millis(50),
             listen_poll_max: Duration::from_millis(50),

@@ -15,9 +15,8 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersi
 
 use super::stats::KeyBounds;
 use super::{
-    COL_DIFF, COL_KEY, COL_TIME, COL_VAL, FORMAT_VERSION, META_CRC32, META_DIFF_CODEC, META_FORMAT,
-    META_KEY_CODEC, META_TS_CODEC, META_VAL_CODEC, PartCodecs, PartError, PartStats,
-    checksum_update,
+    COL_DIFF, COL_KEY, COL_TIME, COL_VAL, Checksum, FORMAT_VERSION, META_CRC32, META_DIFF_CODEC,
+    META_FORMAT, META_KEY_CODEC, META_TS_CODEC, META_VAL_CODEC, PartCodecs, PartError, PartStats,
 };
 
 /// The most bytes of keys (and, separately, of vals) one part can hold:
@@ -53,7 +52,9 @@ pub struct PartBuilder {
     too_large: bool,
     bounds: KeyBounds,
     /// The checksum of the pushed updates.
-    crc: crc32fast::Hasher,
+    crc: Checksum,
+    /// Whether to Snappy-compress the columns.
+    compress: bool,
 }
 
 impl fmt::Debug for PartBuilder {
@@ -71,18 +72,39 @@ impl PartBuilder {
     /// Returns an empty builder for a part whose updates were encoded with
     /// `codecs`.
     pub fn new(codecs: PartCodecs) -> Self {
+        PartBuilder::with_capacity(codecs, 0, 0, 0)
+    }
+
+    /// An empty builder with room for `rows` updates whose keys and vals
+    /// total `key_bytes` and `val_bytes` (a builder that knows its part's
+    /// size up front saves regrowing its buffers).
+    pub fn with_capacity(
+        codecs: PartCodecs,
+        rows: usize,
+        key_bytes: usize,
+        val_bytes: usize,
+    ) -> Self {
         PartBuilder {
             codecs,
-            keys: BinaryBuilder::new(),
-            vals: BinaryBuilder::new(),
-            times: Vec::new(),
-            diffs: Vec::new(),
+            keys: BinaryBuilder::with_capacity(rows, key_bytes.min(MAX_COLUMN_BYTES)),
+            vals: BinaryBuilder::with_capacity(rows, val_bytes.min(MAX_COLUMN_BYTES)),
+            times: Vec::with_capacity(rows),
+            diffs: Vec::with_capacity(rows),
             key_bytes: 0,
             val_bytes: 0,
             too_large: false,
             bounds: KeyBounds::default(),
-            crc: crc32fast::Hasher::new(),
+            crc: Checksum::new(),
+            compress: true,
         }
+    }
+
+    /// Whether to Snappy-compress the part (the default). Compression
+    /// costs CPU on both ends and saves blob bytes when keys and vals
+    /// repeat; readers accept either.
+    pub fn with_compression(mut self, compress: bool) -> Self {
+        self.compress = compress;
+        self
     }
 
     /// Appends one update. Updates are stored in push order (see
@@ -99,7 +121,7 @@ impl PartBuilder {
         self.key_bytes = key_bytes;
         self.val_bytes = val_bytes;
         self.bounds.observe(key);
-        checksum_update(&mut self.crc, key, val, time, diff);
+        self.crc.update(key, val, time, diff);
         self.keys.append_value(key);
         self.vals.append_value(val);
         self.times.push(i64::from_le_bytes(time));
@@ -144,6 +166,11 @@ impl PartBuilder {
 
         let codecs = &self.codecs;
         let crc = format!("{:08x}", self.crc.clone().finalize());
+        let compression = if self.compress {
+            Compression::SNAPPY
+        } else {
+            Compression::UNCOMPRESSED
+        };
         let metadata = [
             (META_FORMAT, opts.format_version.as_str()),
             (META_KEY_CODEC, codecs.key.as_str()),
@@ -163,9 +190,9 @@ impl PartBuilder {
         }
         let props = props
             .set_writer_version(WriterVersion::PARQUET_1_0)
-            .set_compression(Compression::SNAPPY)
+            .set_compression(compression)
             .set_dictionary_enabled(false)
-            .set_statistics_enabled(EnabledStatistics::Chunk)
+            .set_statistics_enabled(EnabledStatistics::None)
             .set_offset_index_disabled(true)
             .set_max_row_group_row_count(opts.max_row_group_rows)
             .set_max_row_group_bytes(None)
@@ -176,8 +203,14 @@ impl PartBuilder {
         let options = ArrowWriterOptions::new()
             .with_properties(props)
             .with_skip_arrow_metadata(true);
+        // Sized for the uncompressed data (each value with its 4-byte
+        // length, 16 bytes of time and diff) so the output does not regrow.
+        let capacity = (self.key_bytes + self.val_bytes)
+            .saturating_add(len.saturating_mul(24))
+            .saturating_add(4096);
         let mut writer =
-            ArrowWriter::try_new_with_options(Vec::new(), schema, options).map_err(encode_err)?;
+            ArrowWriter::try_new_with_options(Vec::with_capacity(capacity), schema, options)
+                .map_err(encode_err)?;
         writer.write(&batch).map_err(encode_err)?;
         let buf = writer.into_inner().map_err(encode_err)?;
 

@@ -18,8 +18,8 @@ use parquet::schema::types::SchemaDescriptor;
 use super::builder::part_schema;
 use super::thrift::{self, ENCODING_PLAIN, PAGE_TYPE_DATA_PAGE};
 use super::{
-    COL_DIFF, COL_KEY, COL_TIME, COL_VAL, FORMAT_VERSION, META_CRC32, META_DIFF_CODEC, META_FORMAT,
-    META_KEY_CODEC, META_TS_CODEC, META_VAL_CODEC, PartCodecs, PartError, checksum_update,
+    COL_DIFF, COL_KEY, COL_TIME, COL_VAL, Checksum, FORMAT_VERSION, META_CRC32, META_DIFF_CODEC,
+    META_FORMAT, META_KEY_CODEC, META_TS_CODEC, META_VAL_CODEC, PartCodecs, PartError,
 };
 
 /// The magic bytes at both ends of an unencrypted Parquet file.
@@ -215,9 +215,9 @@ fn read_checksum(kv: Option<&Vec<KeyValue>>) -> Result<u32, PartError> {
 /// Recomputes the checksum of the decoded updates and compares it with the
 /// one the writer recorded.
 fn check_checksum(part: &DecodedPart, recorded: u32) -> Result<(), PartError> {
-    let mut hasher = crc32fast::Hasher::new();
+    let mut hasher = Checksum::new();
     for (k, v, t, d) in part.iter() {
-        checksum_update(&mut hasher, k, v, t, d);
+        hasher.update(k, v, t, d);
     }
     let computed = hasher.finalize();
     if computed != recorded {

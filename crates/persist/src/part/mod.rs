@@ -39,8 +39,10 @@
 //! decoded and refuses a mismatch as corrupt.
 //!
 //! Writers produce one row group (parts are target-sized, a few MiB) of
-//! version-1 data pages, `PLAIN`-encoded and Snappy-compressed, with no
-//! dictionary pages, column-chunk statistics only and no page index. Readers
+//! version-1 data pages, `PLAIN`-encoded, Snappy-compressed or not (the
+//! writer's choice, see [`PartBuilder::with_compression`]), with no
+//! dictionary pages, no column statistics (the part's own [`PartStats`]
+//! live in shard state) and no page index. Readers
 //! accept any number of row groups, uncompressed or Snappy chunks, and
 //! nothing else: those encodings are what lets [`decode_part`] bound its
 //! memory by the input's size, so files with dictionary pages, other
@@ -86,20 +88,48 @@ const META_DIFF_CODEC: &str = "persist.diff_codec";
 /// The metadata key of the updates' checksum.
 const META_CRC32: &str = "persist.crc32";
 
-/// Feeds one update into a part checksum (see the module docs).
-fn checksum_update(
-    hasher: &mut crc32fast::Hasher,
-    key: &[u8],
-    val: &[u8],
-    time: [u8; 8],
-    diff: [u8; 8],
-) {
-    hasher.update(&(key.len() as u64).to_le_bytes());
-    hasher.update(key);
-    hasher.update(&(val.len() as u64).to_le_bytes());
-    hasher.update(val);
-    hasher.update(&time);
-    hasher.update(&diff);
+/// The checksum of a part's updates (see the module docs).
+///
+/// CRC-32 is a stream checksum, so feeding the bytes in any split gives the
+/// same value. Updates are small, and the hasher's fast (SIMD) path needs
+/// long inputs, so they are gathered into a buffer first.
+#[derive(Clone)]
+struct Checksum {
+    hasher: crc32fast::Hasher,
+    buf: Vec<u8>,
+}
+
+/// How many bytes [`Checksum`] gathers before hashing them.
+const CHECKSUM_CHUNK: usize = 64 << 10;
+
+impl Checksum {
+    fn new() -> Self {
+        Checksum {
+            hasher: crc32fast::Hasher::new(),
+            buf: Vec::with_capacity(CHECKSUM_CHUNK + 64),
+        }
+    }
+
+    /// Feeds one update.
+    fn update(&mut self, key: &[u8], val: &[u8], time: [u8; 8], diff: [u8; 8]) {
+        self.buf
+            .extend_from_slice(&(key.len() as u64).to_le_bytes());
+        self.buf.extend_from_slice(key);
+        self.buf
+            .extend_from_slice(&(val.len() as u64).to_le_bytes());
+        self.buf.extend_from_slice(val);
+        self.buf.extend_from_slice(&time);
+        self.buf.extend_from_slice(&diff);
+        if self.buf.len() >= CHECKSUM_CHUNK {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
+        }
+    }
+
+    fn finalize(mut self) -> u32 {
+        self.hasher.update(&self.buf);
+        self.hasher.finalize()
+    }
 }
 
 /// Column names, in schema order.
