@@ -6,7 +6,6 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use differential_dataflow::consolidation::consolidate_updates;
 use differential_dataflow::difference::Semigroup;
 use differential_dataflow::lattice::Lattice;
 use differential_dataflow::trace::Description;
@@ -104,6 +103,13 @@ impl<T: Timestamp + Lattice + Codec64> LeasedBatchPart<T> {
     /// The size of the part in blob, in bytes.
     pub fn encoded_size_bytes(&self) -> u64 {
         self.part.encoded_size_bytes
+    }
+
+    /// Whether an update of this part at `t` is kept (inside the batch's
+    /// description and passing the reader's filter), advancing `t` as the
+    /// filter says.
+    pub(crate) fn keeps(&self, t: &mut T) -> bool {
+        in_description(t, &self.desc) && self.filter.keep(t)
     }
 
     /// Whether fetching the part may yield any update (its time bounds say
@@ -366,12 +372,21 @@ impl PartReader {
                 updates: Vec::new().into_iter(),
             });
         }
-        let raw = self.fetch_raw(part).await?;
-        let updates = raw
+        let decoded = self.fetch_decoded(&part.part).await?;
+        let mut kept: Vec<BorrowedUpdate<'_, T, D>> = Vec::with_capacity(decoded.len());
+        for (k, v, t, d) in decoded.iter() {
+            let mut t = T::decode(t);
+            if part.keeps(&mut t) {
+                kept.push(((k, v), t, D::decode(d)));
+            }
+        }
+        // Advancing times to a snapshot's as_of can make updates equal.
+        crate::read::consolidate_runs(&mut kept);
+        let updates = kept
             .into_iter()
             .map(|((k, v), t, d)| {
-                let k = K::decode(&k, key_schema).map_err(|e| e.to_string());
-                let v = V::decode(&v, val_schema).map_err(|e| e.to_string());
+                let k = K::decode(k, key_schema).map_err(|e| e.to_string());
+                let v = V::decode(v, val_schema).map_err(|e| e.to_string());
                 ((k, v), t, d)
             })
             .collect::<Vec<_>>();
@@ -379,31 +394,11 @@ impl PartReader {
             updates: updates.into_iter(),
         })
     }
-
-    /// Fetches `part` and returns the encoded updates its filter keeps,
-    /// consolidated (equal encoded key, value and time summed; zero diffs
-    /// dropped).
-    pub async fn fetch_raw<T, D>(
-        &self,
-        part: &LeasedBatchPart<T>,
-    ) -> Result<Vec<RawUpdate<T, D>>, ShardError>
-    where
-        T: Timestamp + Lattice + Codec64,
-        D: Semigroup + Codec64,
-    {
-        let decoded = self.fetch_decoded(&part.part).await?;
-        let mut out = Vec::with_capacity(decoded.len());
-        for (k, v, t, d) in decoded.iter() {
-            let mut t = T::decode(t);
-            if !in_description(&t, &part.desc) || !part.filter.keep(&mut t) {
-                continue;
-            }
-            out.push(((k.to_vec(), v.to_vec()), t, D::decode(d)));
-        }
-        consolidate_updates(&mut out);
-        Ok(out)
-    }
 }
+
+/// An update with its key and value still encoded, borrowed from a
+/// decoded part.
+pub(crate) type BorrowedUpdate<'a, T, D> = ((&'a [u8], &'a [u8]), T, D);
 
 /// An update with its key and value still encoded.
 pub(crate) type RawUpdate<T, D> = ((Vec<u8>, Vec<u8>), T, D);

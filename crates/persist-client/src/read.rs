@@ -6,19 +6,18 @@ use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use differential_dataflow::consolidation::consolidate_updates;
 use differential_dataflow::difference::Semigroup;
 use differential_dataflow::lattice::Lattice;
-use futures::Stream;
+use futures::{Stream, StreamExt, TryStreamExt};
 use persist::SeqNo;
-use persist::part::PartStats;
+use persist::part::{DecodedPart, PartStats};
 use persist_types::{Codec, Codec64, ShardId};
 use timely::PartialOrder;
 use timely::progress::{Antichain, Timestamp};
 
 use crate::error::{ClientError, ShardError, Since};
 use crate::fetch::{
-    FetchFilter, FetchedPart, FetchedUpdate, LeasedBatchPart, PartReader, RawUpdate,
+    BorrowedUpdate, FetchFilter, FetchedPart, FetchedUpdate, LeasedBatchPart, PartReader,
     SerdeLeasedBatchPart, part_stats,
 };
 use crate::ids::LeasedReaderId;
@@ -306,26 +305,32 @@ where
                 .unwrap_or(SeqNo(0)),
             count: parts.len(),
         };
-        let mut raw: Vec<RawUpdate<T, D>> = Vec::new();
-        let mut failed = None;
-        for part in &parts {
-            match self.reader.fetch_raw(part).await {
-                Ok(mut updates) => raw.append(&mut updates),
-                Err(err) => {
-                    failed = Some(err);
-                    break;
+        // Fetch a few parts at a time (blob latency overlaps), keep them
+        // decoded, and consolidate over slices of them: keys and values are
+        // copied once, into the decoded `K` and `V`.
+        let fetches = parts
+            .iter()
+            .map(|part| self.reader.fetch_decoded(&part.part));
+        let decoded: Vec<DecodedPart> = futures::stream::iter(fetches)
+            .buffered(SNAPSHOT_FETCH_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let len = decoded.iter().map(DecodedPart::len).sum();
+        let mut updates: Vec<BorrowedUpdate<'_, T, D>> = Vec::with_capacity(len);
+        for (part, data) in parts.iter().zip(&decoded) {
+            for (k, v, t, d) in data.iter() {
+                let mut t = T::decode(t);
+                if part.keeps(&mut t) {
+                    updates.push(((k, v), t, D::decode(d)));
                 }
             }
         }
-        if let Some(err) = failed {
-            return Err(err.into());
-        }
-        consolidate_updates(&mut raw);
-        Ok(raw
+        consolidate_runs(&mut updates);
+        Ok(updates
             .into_iter()
             .map(|((k, v), t, d)| {
-                let k = K::decode(&k, &self.key_schema).map_err(|e| e.to_string());
-                let v = V::decode(&v, &self.val_schema).map_err(|e| e.to_string());
+                let k = K::decode(k, &self.key_schema).map_err(|e| e.to_string());
+                let v = V::decode(v, &self.val_schema).map_err(|e| e.to_string());
                 ((k, v), t, d)
             })
             .collect())
@@ -868,6 +873,28 @@ impl Drop for Unlease {
             self.leases.release(self.seqno);
         }
     }
+}
+
+/// How many parts `snapshot_and_fetch` fetches at once.
+const SNAPSHOT_FETCH_CONCURRENCY: usize = 4;
+
+/// Sorts `updates` by data and time and sums the diffs of equal ones,
+/// dropping zeros. The sort is a stable merge sort, which takes
+/// already-sorted runs (each part is one) in linear time per run.
+pub(crate) fn consolidate_runs<X: Ord, T: Ord, D: Semigroup>(updates: &mut Vec<(X, T, D)>) {
+    updates.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    let mut kept = 0;
+    for i in 0..updates.len() {
+        if kept > 0 && updates[kept - 1].0 == updates[i].0 && updates[kept - 1].1 == updates[i].1 {
+            let (done, rest) = updates.split_at_mut(i);
+            done[kept - 1].2.plus_equals(&rest[0].2);
+        } else {
+            updates.swap(kept, i);
+            kept += 1;
+        }
+    }
+    updates.truncate(kept);
+    updates.retain(|(_, _, d)| !d.is_zero());
 }
 
 /// A snapshot followed by a listen, as one sequence of events.

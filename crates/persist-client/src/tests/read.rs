@@ -241,3 +241,16 @@ async fn skip_consensus_fetch_optimization() {
         .collect();
     assert_eq!(listen.read_until(&3).await, (expected, f(3)));
 }
+
+proptest::proptest! {
+    /// `consolidate_runs` agrees with differential's consolidation.
+    #[test]
+    fn consolidate_runs_matches_differential(
+        mut updates in proptest::collection::vec(((0u8..4, 0u8..3), 0u64..4, -2i64..3), 0..60),
+    ) {
+        let mut expected = updates.clone();
+        differential_dataflow::consolidation::consolidate_updates(&mut expected);
+        crate::read::consolidate_runs(&mut updates);
+        proptest::prop_assert_eq!(updates, expected);
+    }
+}
