@@ -337,6 +337,38 @@ impl PersistClient {
         })
     }
 
+    /// The shard's current upper, read from consensus without registering
+    /// any handle (so without writing anything, for an existing shard).
+    pub async fn fetch_recent_upper<K, V, T, D>(
+        &self,
+        shard_id: ShardId,
+    ) -> Result<timely::progress::Antichain<T>, ClientError<T>>
+    where
+        K: Codec,
+        V: Codec,
+        T: Timestamp + Lattice + Codec64 + Sync,
+        D: Semigroup + Codec64 + Send + Sync,
+    {
+        let machine = self.machine::<K, V, T, D>(shard_id).await?;
+        Ok(machine.fetch_latest().await?.upper.clone())
+    }
+
+    /// The shard's current since, read from consensus without registering
+    /// any handle.
+    pub async fn fetch_recent_since<K, V, T, D>(
+        &self,
+        shard_id: ShardId,
+    ) -> Result<timely::progress::Antichain<T>, ClientError<T>>
+    where
+        K: Codec,
+        V: Codec,
+        T: Timestamp + Lattice + Codec64 + Sync,
+        D: Semigroup + Codec64 + Send + Sync,
+    {
+        let machine = self.machine::<K, V, T, D>(shard_id).await?;
+        Ok(machine.fetch_latest().await?.since.clone())
+    }
+
     /// Whether `shard_id` was finalized by [`PersistClient::finalize_shard`].
     pub async fn is_finalized<K, V, T, D>(
         &self,

@@ -308,9 +308,12 @@ where
         // Fetch a few parts at a time (blob latency overlaps), keep them
         // decoded, and consolidate over slices of them: keys and values are
         // copied once, into the decoded `K` and `V`.
-        let fetches = parts
+        // Collected first: a stream over a closure borrowing the parts would
+        // make this future `Send` only for one lifetime, not for all.
+        let fetches: Vec<_> = parts
             .iter()
-            .map(|part| self.reader.fetch_decoded(&part.part));
+            .map(|part| self.reader.fetch_decoded(&part.part))
+            .collect();
         let decoded: Vec<DecodedPart> = futures::stream::iter(fetches)
             .buffered(SNAPSHOT_FETCH_CONCURRENCY)
             .try_collect()

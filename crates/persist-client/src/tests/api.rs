@@ -366,6 +366,21 @@ async fn append_with_invalid_upper() {
     assert_eq!(write.upper(), &f(3));
 }
 
+/// The futures of the handles' operations can run in spawned tasks.
+#[allow(dead_code)] // Compiling is the test.
+fn operations_are_send(
+    read: &mut ReadHandle<String, String, u64, i64>,
+    write: &mut WriteHandle<String, String, u64, i64>,
+    data: &[Update],
+) {
+    fn is_send<F: Future + Send>(_: F) {}
+    is_send(read.snapshot_and_fetch(f(1)));
+    is_send(read.snapshot(f(1)));
+    is_send(read.downgrade_since(&f(1)));
+    is_send(write.compare_and_append(data, f(0), f(1)));
+    is_send(write.append(data, f(0), f(1)));
+}
+
 /// Handles must be usable from spawned tasks.
 #[test]
 fn handles_are_send_and_sync() {
