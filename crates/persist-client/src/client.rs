@@ -15,14 +15,17 @@ use timely::progress::Timestamp;
 
 use crate::cfg::{DynamicConfig, PersistConfig};
 use crate::critical::SinceHandle;
-use crate::error::{ClientError, CodecMismatch, Codecs, InvalidUsage, ShardError};
+use crate::error::{ClientError, CodecMismatch, Codecs, InvalidUsage, ShardError, Since};
 use crate::fetch::{BatchFetcher, PartReader};
+use crate::fetch::{FetchFilter, FetchedUpdate, LeasedBatchPart};
 use crate::ids::{CriticalReaderId, LeasedReaderId, WriterId};
 use crate::internal::cache::StateCache;
 use crate::internal::encoding::{StateDecodeError, decode_codecs, decode_state};
 use crate::internal::inspect::state_json;
 use crate::internal::machine::{Backoff, Machine, Transition};
 use crate::internal::part::codecs_of;
+use crate::internal::state::SnapshotError;
+use crate::read::fetch_consolidated;
 use crate::read::{ReadHandle, open_reader};
 use crate::write::{WriteHandle, duration_ms, expire_writer_on_drop, start_heartbeats};
 
@@ -367,6 +370,58 @@ impl PersistClient {
     {
         let machine = self.machine::<K, V, T, D>(shard_id).await?;
         Ok(machine.fetch_latest().await?.since.clone())
+    }
+
+    /// The shard's contents at `as_of`, consolidated as
+    /// [`ReadHandle::snapshot_and_fetch`] returns them, read without
+    /// registering a reader: nothing is written, so observers that must not
+    /// write (a read-only controller) can read. Waits until the shard's
+    /// upper is beyond `as_of`; fails with `Since` below the since.
+    ///
+    /// Without a reader, nothing holds the since or leases the parts:
+    /// compaction may make `as_of` unreadable, or delete a part, while the
+    /// read runs. The read then fails (`Since`, or a missing part) and can
+    /// be retried at a later `as_of`.
+    pub async fn snapshot_unleased<K, V, T, D>(
+        &self,
+        shard_id: ShardId,
+        key_schema: &K::Schema,
+        val_schema: &V::Schema,
+        as_of: timely::progress::Antichain<T>,
+    ) -> Result<Vec<FetchedUpdate<K, V, T, D>>, ClientError<T>>
+    where
+        K: Codec,
+        V: Codec,
+        T: Timestamp + Lattice + Codec64 + Sync,
+        D: Semigroup + Codec64 + Send + Sync,
+    {
+        let machine = self.machine::<K, V, T, D>(shard_id).await?;
+        let mut state = machine.fetch_latest().await?;
+        let batches = loop {
+            match state.snapshot(&as_of) {
+                Ok(batches) => break batches,
+                Err(SnapshotError::SinceBeyondAsOf(since)) => return Err(Since(since).into()),
+                Err(SnapshotError::NotYetAvailable) => {
+                    state = machine.wait_for_newer(state.seqno).await?;
+                }
+            }
+        };
+        let filter = FetchFilter::Snapshot { as_of };
+        let parts: Vec<LeasedBatchPart<T>> = batches
+            .iter()
+            .flat_map(|batch| {
+                batch.parts.iter().map(|part| LeasedBatchPart {
+                    shard_id,
+                    reader_id: None,
+                    leased_seqno: None,
+                    desc: batch.desc.clone(),
+                    part: part.clone(),
+                    filter: filter.clone(),
+                })
+            })
+            .filter(|part| part.may_have_updates())
+            .collect();
+        fetch_consolidated(&self.part_reader(&machine), &parts, key_schema, val_schema).await
     }
 
     /// Whether `shard_id` was finalized by [`PersistClient::finalize_shard`].

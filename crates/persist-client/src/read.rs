@@ -305,38 +305,13 @@ where
                 .unwrap_or(SeqNo(0)),
             count: parts.len(),
         };
-        // Fetch a few parts at a time (blob latency overlaps), keep them
-        // decoded, and consolidate over slices of them: keys and values are
-        // copied once, into the decoded `K` and `V`.
-        // Collected first: a stream over a closure borrowing the parts would
-        // make this future `Send` only for one lifetime, not for all.
-        let fetches: Vec<_> = parts
-            .iter()
-            .map(|part| self.reader.fetch_decoded(&part.part))
-            .collect();
-        let decoded: Vec<DecodedPart> = futures::stream::iter(fetches)
-            .buffered(SNAPSHOT_FETCH_CONCURRENCY)
-            .try_collect()
-            .await?;
-        let len = decoded.iter().map(DecodedPart::len).sum();
-        let mut updates: Vec<BorrowedUpdate<'_, T, D>> = Vec::with_capacity(len);
-        for (part, data) in parts.iter().zip(&decoded) {
-            for (k, v, t, d) in data.iter() {
-                let mut t = T::decode(t);
-                if part.keeps(&mut t) {
-                    updates.push(((k, v), t, D::decode(d)));
-                }
-            }
-        }
-        consolidate_runs(&mut updates);
-        Ok(updates
-            .into_iter()
-            .map(|((k, v), t, d)| {
-                let k = K::decode(k, &self.key_schema).map_err(|e| e.to_string());
-                let v = V::decode(v, &self.val_schema).map_err(|e| e.to_string());
-                ((k, v), t, d)
-            })
-            .collect())
+        fetch_consolidated(
+            &self.reader,
+            &parts,
+            self.key_schema.as_ref(),
+            self.val_schema.as_ref(),
+        )
+        .await
     }
 
     /// A cursor over the snapshot at `as_of`, fetching one part at a time
@@ -876,6 +851,52 @@ impl Drop for Unlease {
             self.leases.release(self.seqno);
         }
     }
+}
+
+/// Fetches `parts` (a few at a time, so blob latency overlaps), keeps them
+/// decoded, and consolidates over slices of them: keys and values are
+/// copied once, into the decoded `K` and `V`.
+pub(crate) async fn fetch_consolidated<K, V, T, D>(
+    reader: &PartReader,
+    parts: &[LeasedBatchPart<T>],
+    key_schema: &K::Schema,
+    val_schema: &V::Schema,
+) -> Result<Vec<FetchedUpdate<K, V, T, D>>, ClientError<T>>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64 + Sync,
+    D: Semigroup + Codec64,
+{
+    // Collected first: a stream over a closure borrowing the parts would
+    // make this future `Send` only for one lifetime, not for all.
+    let fetches: Vec<_> = parts
+        .iter()
+        .map(|part| reader.fetch_decoded(&part.part))
+        .collect();
+    let decoded: Vec<DecodedPart> = futures::stream::iter(fetches)
+        .buffered(SNAPSHOT_FETCH_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let len = decoded.iter().map(DecodedPart::len).sum();
+    let mut updates: Vec<BorrowedUpdate<'_, T, D>> = Vec::with_capacity(len);
+    for (part, data) in parts.iter().zip(&decoded) {
+        for (k, v, t, d) in data.iter() {
+            let mut t = T::decode(t);
+            if part.keeps(&mut t) {
+                updates.push(((k, v), t, D::decode(d)));
+            }
+        }
+    }
+    consolidate_runs(&mut updates);
+    Ok(updates
+        .into_iter()
+        .map(|((k, v), t, d)| {
+            let k = K::decode(k, key_schema).map_err(|e| e.to_string());
+            let v = V::decode(v, val_schema).map_err(|e| e.to_string());
+            ((k, v), t, d)
+        })
+        .collect())
 }
 
 /// How many parts `snapshot_and_fetch` fetches at once.

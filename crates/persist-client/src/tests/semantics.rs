@@ -243,6 +243,32 @@ async fn finalize_deletes_blobs_and_leaves_a_tombstone() {
     assert_eq!(client.shard_codecs(ShardId::new()).await.unwrap(), None);
 }
 
+/// An unleased snapshot reads what a reader would, and writes nothing.
+#[tokio::test]
+async fn unleased_snapshots_match_and_register_nothing() {
+    let client = PersistClient::new_for_tests().await;
+    let shard = ShardId::new();
+    let (mut write, mut read) = expect_open::<String, String, u64, i64>(&client, shard).await;
+    let data = updates(10);
+    expect_compare_and_append(&mut write, &data[..6], 0, 6).await;
+    let seqno =
+        || async { client.inspect_shard::<u64>(shard).await.unwrap().unwrap()["seqno"].clone() };
+    let before = seqno().await;
+    let (k, v) = (StringSchema::new(), StringSchema::new());
+    let unleased = client
+        .snapshot_unleased::<String, String, u64, i64>(shard, &k, &v, f(4))
+        .await
+        .unwrap();
+    assert_eq!(before, seqno().await, "no state was written");
+    assert_eq!(unleased, expect_snapshot_and_fetch(&mut read, 4).await);
+    read.downgrade_since(&f(3)).await.unwrap();
+    let err = client
+        .snapshot_unleased::<String, String, u64, i64>(shard, &k, &v, f(2))
+        .await
+        .unwrap_err();
+    assert_eq!(err, ClientError::Since(Since(f(3))));
+}
+
 /// A snapshot below the since fails with `Since`; at or beyond it, it is
 /// served.
 #[tokio::test]
