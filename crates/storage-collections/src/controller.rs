@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use differential_dataflow::lattice::Lattice;
 use persist_client::{
-    CONTROLLER_CRITICAL_SINCE, Diagnostics, FetchedUpdate, PersistClient, SinceHandle,
-    SnapshotStats,
+    CONTROLLER_CRITICAL_SINCE, Cursor, Diagnostics, FetchedUpdate, PersistClient, ReadHandle,
+    SinceHandle, SnapshotStats,
 };
 use persist_types::{Codec, Codec64, PersistLocation, ShardId, SimpleSchema};
 use serde_json::json;
@@ -582,6 +582,29 @@ impl StorageCollectionsImpl {
         self.snapshot(id, Antichain::from_elem(as_of)).await
     }
 
+    /// The snapshot at `as_of`, read one part at a time (memory bounded by
+    /// the largest part). The cursor owns a leased reader, which keeps the
+    /// data readable until the cursor is finished or dropped.
+    pub async fn snapshot_cursor(
+        &self,
+        id: GlobalId,
+        as_of: Antichain<Timestamp>,
+    ) -> Result<SnapshotCursor, StorageError> {
+        let shard = self.readable_shard(id, &as_of)?;
+        let mut read = self
+            .inner
+            .client
+            .open_leased_reader::<Row, (), Timestamp, i64>(
+                shard,
+                Arc::new(SimpleSchema::new()),
+                Arc::new(SimpleSchema::new()),
+                Diagnostics::from_purpose("storage controller cursor"),
+            )
+            .await?;
+        let cursor = read.snapshot_cursor(as_of, |_| true).await?;
+        Ok(SnapshotCursor { cursor, read })
+    }
+
     /// The snapshot at `as_of` as a stream of updates (consolidated within
     /// each part).
     pub async fn snapshot_and_stream(
@@ -751,6 +774,33 @@ impl Inner {
         let changed = self.apply(&mut collections, changes);
         drop(collections);
         self.send_sinces(changed);
+    }
+}
+
+/// A snapshot being read part by part; see
+/// [`StorageCollectionsImpl::snapshot_cursor`].
+#[derive(Debug)]
+pub struct SnapshotCursor {
+    cursor: Cursor<Row, (), Timestamp, i64>,
+    read: ReadHandle<Row, (), Timestamp, i64>,
+}
+
+impl SnapshotCursor {
+    /// The updates of the next part (times advanced to the as_of), or
+    /// `None` when every part was read.
+    pub async fn next(
+        &mut self,
+    ) -> Option<Result<Vec<FetchedUpdate<Row, (), Timestamp, i64>>, StorageError>> {
+        self.cursor
+            .next()
+            .await
+            .map(|r| r.map_err(StorageError::from))
+    }
+
+    /// Releases the reader now (dropping the cursor does so in the
+    /// background).
+    pub async fn finish(self) {
+        self.read.expire().await;
     }
 }
 

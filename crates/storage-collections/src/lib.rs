@@ -26,7 +26,9 @@ use persist_client::{FetchedUpdate, SnapshotStats};
 use persist_types::ShardId;
 use timely::progress::Antichain;
 
-pub use controller::{ControllerConfig, ReadHold, Row, StorageCollectionsImpl, Update};
+pub use controller::{
+    ControllerConfig, ReadHold, Row, SnapshotCursor, StorageCollectionsImpl, Update,
+};
 pub use ids::{GlobalId, GlobalIdParseError};
 pub use policy::ReadPolicy;
 pub use types::{

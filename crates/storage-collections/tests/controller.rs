@@ -149,6 +149,17 @@ async fn snapshot_stats_count_updates_up_to_the_as_of() {
     let rows = sc.snapshot(T1, f(3)).await.unwrap();
     assert_eq!(rows.len(), 4);
     assert_eq!(sc.snapshot_latest(T1).await.unwrap(), rows);
+    let mut cursor = sc.snapshot_cursor(T1, f(3)).await.unwrap();
+    let mut parts = Vec::new();
+    while let Some(part) = cursor.next().await {
+        parts.extend(part.unwrap());
+    }
+    cursor.finish().await;
+    parts.sort();
+    assert_eq!(parts, rows);
+    let streamed: Vec<_> =
+        futures::StreamExt::collect(sc.snapshot_and_stream(T1, f(3)).await.unwrap()).await;
+    assert_eq!(streamed, rows);
 }
 
 #[tokio::test]
