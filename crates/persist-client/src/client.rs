@@ -25,6 +25,7 @@ use crate::internal::inspect::state_json;
 use crate::internal::machine::{Backoff, Machine, Transition};
 use crate::internal::part::codecs_of;
 use crate::internal::state::SnapshotError;
+use crate::metrics::{MeteredBlob, MeteredConsensus, Metrics};
 use crate::read::fetch_consolidated;
 use crate::read::{ReadHandle, open_reader};
 use crate::write::{WriteHandle, duration_ms, expire_writer_on_drop, start_heartbeats};
@@ -71,6 +72,7 @@ impl Diagnostics {
 #[derive(Clone)]
 pub struct PersistClient {
     cfg: DynamicConfig,
+    metrics: Arc<Metrics>,
     blob: Arc<dyn Blob>,
     consensus: Arc<dyn Consensus>,
     cache: Arc<StateCache>,
@@ -87,9 +89,22 @@ impl Debug for PersistClient {
 impl PersistClient {
     /// A client of `blob` and `consensus`, which must be one location's
     /// (the blob holding the parts the consensus state references).
+    ///
+    /// Every blob and consensus operation of the client is measured in its
+    /// [`Metrics`].
     pub fn new(cfg: PersistConfig, blob: Arc<dyn Blob>, consensus: Arc<dyn Consensus>) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let blob = Arc::new(MeteredBlob {
+            inner: blob,
+            metrics: Arc::clone(&metrics),
+        });
+        let consensus = Arc::new(MeteredConsensus {
+            inner: consensus,
+            metrics: Arc::clone(&metrics),
+        });
         PersistClient {
             cfg: DynamicConfig::new(cfg),
+            metrics,
             blob,
             consensus,
             cache: Arc::new(StateCache::default()),
@@ -109,6 +124,11 @@ impl PersistClient {
     /// afterwards, on every handle of this client.
     pub fn cfg(&self) -> &DynamicConfig {
         &self.cfg
+    }
+
+    /// The client's metrics (a Prometheus registry of its own).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The blob store of this client's location.
@@ -136,7 +156,8 @@ impl PersistClient {
             shard_id,
             codecs,
         )
-        .await?)
+        .await?
+        .with_metrics(Arc::clone(&self.metrics)))
     }
 
     fn part_reader<T: Timestamp + Lattice + Codec64 + Sync>(

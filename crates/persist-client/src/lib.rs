@@ -23,6 +23,7 @@ pub mod error;
 pub mod fetch;
 pub mod ids;
 pub(crate) mod internal;
+pub mod metrics;
 pub mod read;
 pub mod write;
 
@@ -41,6 +42,7 @@ pub use error::{
 };
 pub use fetch::{BatchFetcher, FetchedPart, FetchedUpdate, LeasedBatchPart, SerdeLeasedBatchPart};
 pub use ids::{CriticalReaderId, IdParseError, IdempotencyToken, LeasedReaderId, WriterId};
+pub use metrics::Metrics;
 pub use persist_types::{PersistLocation, ShardId};
 pub use read::{
     Cursor, Listen, ListenEvent, ListenStreamItem, ReadHandle, SnapshotPartsStats, Subscribe,

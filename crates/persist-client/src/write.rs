@@ -357,22 +357,37 @@ where
         let token = IdempotencyToken::new();
         let writer = self.writer_id;
         let lease_ms = duration_ms(self.machine.cfg().writer_lease_duration);
-        let (_, result) = self
+        let (_, (applied, result)) = self
             .machine
             .apply(|state, now| {
                 state.expire_lapsed(now);
                 match state.compare_and_append(&hollow, writer, token, now, lease_ms) {
-                    Ok(()) => Transition::Write(Ok(())),
-                    Err(CompareAndAppendBreak::AlreadyCommitted) => Transition::Skip(Ok(())),
+                    Ok(()) => Transition::Write((true, Ok(()))),
+                    Err(CompareAndAppendBreak::AlreadyCommitted) => {
+                        Transition::Skip((false, Ok(())))
+                    }
                     Err(CompareAndAppendBreak::Upper(current)) => {
-                        Transition::Refuse(Err(Some(current)))
+                        Transition::Refuse((false, Err(Some(current))))
                     }
                     Err(CompareAndAppendBreak::PartsAlreadyAppended) => {
-                        Transition::Refuse(Err(None))
+                        Transition::Refuse((false, Err(None)))
                     }
                 }
             })
             .await?;
+        let outcome = match &result {
+            Ok(()) if applied => "committed",
+            Ok(()) => "already_committed",
+            Err(None) => "refused",
+            Err(Some(_)) => "upper_mismatch",
+        };
+        let metrics = self.machine.metrics();
+        if let Some(metrics) = &metrics {
+            metrics.appends.with_label_values(&[outcome]).inc();
+            if applied {
+                metrics.appended_updates.inc_by(hollow.len);
+            }
+        }
         match result {
             Ok(()) => {
                 for batch in batches.iter_mut() {

@@ -15,6 +15,7 @@ use crate::error::{CodecMismatch, Codecs};
 use crate::internal::cache::{Cached, StateCache};
 use crate::internal::encoding::{StateDecodeError, decode_state, encode_state};
 use crate::internal::state::State;
+use crate::metrics::Metrics;
 
 /// What a transition decided.
 pub(crate) enum Transition<R> {
@@ -87,6 +88,7 @@ pub(crate) struct Machine<T> {
     consensus: Arc<dyn Consensus>,
     cfg: DynamicConfig,
     shared: Arc<SharedState<T>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<T> Clone for Machine<T> {
@@ -96,6 +98,7 @@ impl<T> Clone for Machine<T> {
             consensus: Arc::clone(&self.consensus),
             cfg: self.cfg.clone(),
             shared: Arc::clone(&self.shared),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -138,6 +141,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
             consensus: Arc::clone(&consensus),
             cfg: cfg.clone(),
             shared,
+            metrics: None,
         };
         match cache.get::<SharedState<T>>(shard_id) {
             Cached::Live(shared) => {
@@ -224,6 +228,37 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
     }
 
     /// Caches `state` if it is newer than what is cached.
+    /// The metrics this machine reports to, if any.
+    pub fn metrics(&self) -> Option<Arc<Metrics>> {
+        self.metrics.clone()
+    }
+
+    /// Reports this machine's states to `metrics` (state size, handles).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Records a state of `size` encoded bytes in the metrics.
+    fn observe(&self, state: &State<T>, size: usize) {
+        let Some(metrics) = &self.metrics else { return };
+        let shard = self.shard_id.to_string();
+        metrics
+            .state_bytes
+            .with_label_values(&[shard.as_str()])
+            .set(i64::try_from(size).unwrap_or(i64::MAX));
+        for (kind, count) in [
+            ("writer", state.writers.len()),
+            ("leased_reader", state.leased_readers.len()),
+            ("critical_reader", state.critical_readers.len()),
+        ] {
+            metrics
+                .handles
+                .with_label_values(&[shard.as_str(), kind])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
     fn cache(&self, state: State<T>) {
         let mut cached = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
         if state.seqno > cached.seqno {
@@ -242,7 +277,9 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
             match self.consensus.head(&key).await {
                 Ok(Some(head)) => {
                     if head.seqno > self.cached().seqno {
-                        self.cache(decode(self.shard_id, &head)?);
+                        let state = decode(self.shard_id, &head)?;
+                        self.observe(&state, head.data.len());
+                        self.cache(state);
                     }
                     return Ok(self.cached());
                 }
@@ -321,11 +358,14 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
             {
                 Ok(CaSResult::Committed) => {
                     let seqno = next.seqno;
+                    self.observe(&next, data.len());
                     self.cache(next);
                     return Ok((seqno, result));
                 }
                 Ok(CaSResult::ExpectationMismatch(Some(head))) if head.seqno > current.seqno => {
-                    self.cache(decode(self.shard_id, &head)?);
+                    let state = decode(self.shard_id, &head)?;
+                    self.observe(&state, head.data.len());
+                    self.cache(state);
                 }
                 Ok(CaSResult::ExpectationMismatch(head)) => {
                     // Heads never move backward or vanish: retrying would

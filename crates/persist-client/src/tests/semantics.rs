@@ -587,3 +587,45 @@ proptest! {
         });
     }
 }
+
+/// The client's metrics count what happened.
+#[tokio::test]
+async fn metrics_count_appends_bytes_and_handles() {
+    let client = PersistClient::new_for_tests().await;
+    let shard = ShardId::new();
+    let (mut write, mut read) = expect_open::<String, String, u64, i64>(&client, shard).await;
+    let data = updates(4);
+    expect_compare_and_append(&mut write, &data, 0, 4).await;
+    let stale = write
+        .compare_and_append(&data[..1], f(0), f(1))
+        .await
+        .unwrap();
+    assert!(stale.is_err());
+    expect_snapshot_and_fetch(&mut read, 3).await;
+    let m = client.metrics();
+    assert_eq!(m.appends.with_label_values(&["committed"]).get(), 1);
+    assert_eq!(m.appends.with_label_values(&["upper_mismatch"]).get(), 1);
+    assert_eq!(m.appended_updates.get(), 4);
+    let text = m.render();
+    for name in [
+        "persist_blob_bytes_total{op=\"set\"}",
+        "persist_blob_bytes_total{op=\"get\"}",
+        "persist_consensus_seconds_count{op=\"compare_and_set\"}",
+        "persist_state_bytes",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    let shard_label = shard.to_string();
+    assert_eq!(
+        m.handles
+            .with_label_values(&[shard_label.as_str(), "writer"])
+            .get(),
+        1
+    );
+    assert!(
+        m.state_bytes
+            .with_label_values(&[shard_label.as_str()])
+            .get()
+            > 0
+    );
+}
