@@ -34,6 +34,9 @@ pub struct Args {
     /// How many updates each batch holds.
     #[arg(long, default_value_t = 5000)]
     batch_size: u64,
+    /// Print the client's Prometheus metrics at the end.
+    #[arg(long)]
+    metrics: bool,
 }
 
 /// What the demo appended.
@@ -145,6 +148,9 @@ pub async fn run(location: &PersistLocation, client: &PersistClient, args: &Args
         listened.len()
     );
     println!("verified: snapshot and listen match the written data");
+    if args.metrics {
+        print!("{}", client.metrics().render());
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 
 mod admin;
 mod check;
+mod controller;
 mod demo;
 mod inspect;
 mod types;
@@ -57,6 +58,9 @@ enum Command {
     /// Closes or finalizes shards.
     #[command(subcommand)]
     Admin(admin::Command),
+    /// Runs the storage controller (collections, read holds, finalization).
+    #[command(subcommand)]
+    Controller(controller::Command),
 }
 
 impl Cli {
@@ -88,6 +92,7 @@ async fn main() -> Result<()> {
         }
         Command::Inspect(command) => inspect::run(&location, command).await,
         Command::Admin(command) => admin::run(&location, command).await,
+        Command::Controller(command) => controller::run(&location, command).await,
     }
 }
 

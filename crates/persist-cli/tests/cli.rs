@@ -115,11 +115,17 @@ fn json(stdout: &str) -> serde_json::Value {
 fn demo_writes_and_verifies_on_the_embedded_default() {
     let dir = tempfile::tempdir().unwrap();
     let stdout = persistcli_ok(
-        &["demo", "--batches", "4", "--batch-size", "500"],
+        &["demo", "--batches", "4", "--batch-size", "500", "--metrics"],
         dir.path(),
     );
     assert!(
         stdout.contains("wrote      2000 updates in 4 batches"),
+        "{stdout}"
+    );
+    // `--metrics` prints the client's counters: one committed append per
+    // batch, plus the one that closes time 0.
+    assert!(
+        stdout.contains("persist_appends_total{outcome=\"committed\"} 5"),
         "{stdout}"
     );
     assert!(stdout.contains("sqlite://"), "{stdout}");
@@ -286,6 +292,7 @@ fn new_subcommands_name_a_bad_location_and_fail() {
         &["inspect", "blob", shard],
         &["admin", "close", shard],
         &["admin", "finalize", shard],
+        &["controller", "demo"],
     ] {
         let args: Vec<&str> = command.iter().chain(&bad_blob).copied().collect();
         let stderr = persistcli_err(&args, dir.path());
@@ -402,4 +409,41 @@ fn other_types_are_inspected_and_refused_by_name() {
             "{stderr}"
         );
     }
+}
+
+#[test]
+fn controller_demo_finalizes_the_dropped_table_and_reruns_with_a_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("controller-data");
+    let data_dir = data_dir.to_str().unwrap();
+    let mut u2_shards = Vec::new();
+    for epoch in 1..=2 {
+        let stdout = persistcli_ok(&["controller", "demo", "--data-dir", data_dir], dir.path());
+        assert!(
+            stdout.contains(&format!("opened the controller of epoch {epoch} ")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("snapshot of u1 at time 4: 15 rows"),
+            "{stdout}"
+        );
+        let last = stdout.lines().last().unwrap_or_default();
+        let shard = last
+            .strip_prefix("finalized shard ")
+            .and_then(|rest| rest.strip_suffix(" of dropped collection u2"))
+            .unwrap_or_else(|| panic!("unexpected last line {last:?}\n{stdout}"));
+        let state = json(&persistcli_ok(
+            &["inspect", "state", shard, "--data-dir", data_dir],
+            dir.path(),
+        ));
+        assert_eq!(state["finalized"], true, "{state:#}");
+        u2_shards.push(shard.to_owned());
+        // The first run's u1 is left to the next run, which retires it.
+        assert_eq!(stdout.contains("retired u1 of an earlier run"), epoch > 1);
+    }
+    assert_ne!(u2_shards[0], u2_shards[1], "every run uses new shards");
+    assert!(
+        !dir.path().join("persist-data").exists(),
+        "--data-dir is used"
+    );
 }

@@ -137,6 +137,7 @@ impl StorageCollectionsImpl {
             desired: BTreeMap::new(),
             rx,
             tick: cfg.tick,
+            existing: BTreeSet::new(),
         };
         tokio::spawn(task.run());
         Ok(StorageCollectionsImpl { inner })
@@ -174,7 +175,10 @@ impl StorageCollectionsImpl {
         init_ids: &BTreeSet<GlobalId>,
     ) -> Result<(), StorageError> {
         let mut metadata = self.inner.metadata.lock().await;
-        metadata.reload().await?;
+        metadata
+            .reload()
+            .await
+            .map_err(|e| self.inner.observe_fenced(e))?;
         let stale: BTreeSet<GlobalId> = metadata
             .current()
             .collections
@@ -189,7 +193,10 @@ impl StorageCollectionsImpl {
         let mut txn = metadata.txn();
         let dropped = txn.delete_collection_metadata(&stale);
         txn.insert_unfinalized_shards(dropped.into_iter().map(|(_, s)| s).collect());
-        metadata.commit(txn).await
+        metadata
+            .commit(txn)
+            .await
+            .map_err(|e| self.inner.observe_fenced(e))
     }
 
     /// Changes the durable metadata: allocates shards for `ids_to_add`,
@@ -212,7 +219,10 @@ impl StorageCollectionsImpl {
         }
         let dropped = txn.delete_collection_metadata(ids_to_drop);
         txn.insert_unfinalized_shards(dropped.into_iter().map(|(_, s)| s).collect());
-        metadata.commit(txn).await
+        metadata
+            .commit(txn)
+            .await
+            .map_err(|e| self.inner.observe_fenced(e))
     }
 
     /// Creates (or, after a restart, re-opens) the collections described,
@@ -224,8 +234,11 @@ impl StorageCollectionsImpl {
         collections: Vec<(GlobalId, CollectionDescription)>,
     ) -> Result<(), StorageError> {
         self.check_fenced()?;
+        // A dropped collection stays in memory until released: its id is
+        // still in use (its holds and shard are tracked under it).
+        let mut seen = BTreeSet::new();
         for (id, _) in &collections {
-            if self.collections().get(id).is_some_and(|c| !c.dropped) {
+            if !seen.insert(*id) || self.collections().contains_key(id) {
                 return Err(StorageError::CollectionIdReused(*id));
             }
         }
@@ -255,26 +268,50 @@ impl StorageCollectionsImpl {
             .current()
             .collections
             .clone();
-        let mut handles = Vec::new();
         for (id, description) in collections {
             let shard = match recorded.get(&id) {
                 Some(shard) => *shard,
                 None if id.is_transient() => ShardId::new(),
                 None => return Err(StorageError::CollectionMissing(id)),
             };
-            let (since, handle) = self.open_shard(shard, description.since.as_ref()).await?;
+            // A read-only controller must not create a shard by opening it.
+            if self.inner.read_only && !self.inner.shard_exists(shard).await? {
+                let mut since = Antichain::from_elem(Timestamp::default());
+                if let Some(initial) = &description.since {
+                    since = since.join(initial);
+                }
+                let upper = Antichain::from_elem(Timestamp::default());
+                self.install(id, description, shard, since, upper, None)?;
+                continue;
+            }
+            // A collection sharing its primary's shard leaves the shard's
+            // one controller since handle to the primary, which it holds
+            // back: two handles of one critical reader would hold the shard
+            // at the join of their sinces, not the meet.
+            let shares_primary = description.primary.is_some_and(|primary| {
+                self.collections()
+                    .get(&primary)
+                    .is_some_and(|c| c.metadata.data_shard == shard)
+            });
+            let (since, handle) = if shares_primary {
+                let mut since = self
+                    .inner
+                    .client
+                    .fetch_recent_since::<Row, (), Timestamp, i64>(shard)
+                    .await?;
+                if let Some(initial) = &description.since {
+                    since = since.join(initial);
+                }
+                (since, None)
+            } else {
+                self.open_shard(shard, description.since.as_ref()).await?
+            };
             let upper = self
                 .inner
                 .client
                 .fetch_recent_upper::<Row, (), Timestamp, i64>(shard)
                 .await?;
-            self.install(id, description, shard, since, upper)?;
-            if let Some(handle) = handle {
-                handles.push((id, Box::new(handle)));
-            }
-        }
-        if !handles.is_empty() {
-            let _ = self.inner.commands.send(Command::Register(handles));
+            self.install(id, description, shard, since, upper, handle)?;
         }
         Ok(())
     }
@@ -311,10 +348,7 @@ impl StorageCollectionsImpl {
         if let Some(initial) = initial_since {
             since = since.join(initial);
         }
-        match handle
-            .compare_and_downgrade_since(&current, (&self.inner.epoch, &since))
-            .await?
-        {
+        match claim(&mut handle, self.inner.epoch, &since).await? {
             Ok(since) => Ok((since, Some(handle))),
             Err(newer) => Err(self.fence(newer)),
         }
@@ -325,7 +359,8 @@ impl StorageCollectionsImpl {
     }
 
     /// Adds a collection to the in-memory state, holding back what it
-    /// depends on.
+    /// depends on, and hands its since handle (if any) to the background
+    /// task.
     fn install(
         &self,
         id: GlobalId,
@@ -333,8 +368,12 @@ impl StorageCollectionsImpl {
         shard: ShardId,
         since: Antichain<Timestamp>,
         upper: Antichain<Timestamp>,
+        handle: Option<Handle>,
     ) -> Result<(), StorageError> {
         let mut collections = self.collections();
+        if collections.contains_key(&id) {
+            return Err(StorageError::CollectionIdReused(id));
+        }
         let holds_on: Vec<GlobalId> = description
             .dependencies
             .iter()
@@ -373,6 +412,14 @@ impl StorageCollectionsImpl {
             dropped: false,
         };
         collections.insert(id, collection);
+        // Registered before any since change of the collection can be sent
+        // (those are made under this lock), so none finds no handle.
+        if let Some(handle) = handle {
+            let _ = self
+                .inner
+                .commands
+                .send(Command::Register(vec![(id, Box::new(handle))]));
+        }
         let mut changes = BTreeMap::new();
         for dep in holds_on {
             let batch: &mut ChangeBatch<Timestamp> = changes.entry(dep).or_default();
@@ -380,8 +427,8 @@ impl StorageCollectionsImpl {
         }
         let mut changed = self.inner.apply(&mut collections, changes);
         changed.insert(id, since);
-        drop(collections);
         self.inner.send_sinces(changed);
+        drop(collections);
         Ok(())
     }
 
@@ -408,8 +455,8 @@ impl StorageCollectionsImpl {
             }
         }
         let changed = self.inner.apply(&mut collections, changes);
-        drop(collections);
         self.inner.send_sinces(changed);
+        drop(collections);
         Ok(())
     }
 
@@ -419,6 +466,15 @@ impl StorageCollectionsImpl {
     pub fn acquire_read_holds(&self, ids: Vec<GlobalId>) -> Result<Vec<ReadHold>, StorageError> {
         self.check_fenced()?;
         let mut collections = self.collections();
+        // Every id first: a hold built and then dropped on an error would
+        // release what it never added (and take this lock again).
+        for id in &ids {
+            match collections.get(id) {
+                None => return Err(StorageError::CollectionMissing(*id)),
+                Some(c) if c.dropped => return Err(StorageError::CollectionDropped(*id)),
+                Some(_) => {}
+            }
+        }
         let mut holds = Vec::new();
         let mut changes: BTreeMap<GlobalId, ChangeBatch<Timestamp>> = BTreeMap::new();
         for id in &ids {
@@ -439,8 +495,8 @@ impl StorageCollectionsImpl {
             });
         }
         let changed = self.inner.apply(&mut collections, changes);
-        drop(collections);
         self.inner.send_sinces(changed);
+        drop(collections);
         Ok(holds)
     }
 
@@ -474,8 +530,8 @@ impl StorageCollectionsImpl {
             }
         }
         let changed = self.inner.apply(&mut collections, changes);
-        drop(collections);
         self.inner.send_sinces(changed);
+        drop(collections);
         Ok(())
     }
 
@@ -545,6 +601,19 @@ impl StorageCollectionsImpl {
         let shard = self.readable_shard(id, &as_of)?;
         // Hold the since while reading.
         let _hold = self.acquire_read_holds(vec![id])?;
+        if self.inner.read_only {
+            // A leased reader would be registered in consensus.
+            return Ok(self
+                .inner
+                .client
+                .snapshot_unleased::<Row, (), Timestamp, i64>(
+                    shard,
+                    &SimpleSchema::new(),
+                    &SimpleSchema::new(),
+                    as_of,
+                )
+                .await?);
+        }
         let mut read = self
             .inner
             .client
@@ -711,6 +780,32 @@ impl Inner {
         self.collections.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn is_fenced(&self) -> bool {
+        self.fenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Records a `Fenced` error (from the durable metadata, say), so the
+    /// controller stops.
+    fn observe_fenced(&self, err: StorageError) -> StorageError {
+        match err {
+            StorageError::Fenced { current, .. } => self.fence(current),
+            err => err,
+        }
+    }
+
+    /// Whether `shard` exists (without creating it, as opening it would).
+    async fn shard_exists(&self, shard: ShardId) -> Result<bool, StorageError> {
+        Ok(self
+            .client
+            .shard_codecs(shard)
+            .await
+            .map_err(|e| StorageError::Persist(e.to_string()))?
+            .is_some())
+    }
+
     fn fence(&self, current: u64) -> StorageError {
         let err = StorageError::Fenced {
             ours: self.epoch,
@@ -753,6 +848,10 @@ impl Inner {
         changed
     }
 
+    /// Sends the new sinces to the background task. Called with the
+    /// collections lock held, so that sinces reach the task in the order
+    /// they were made: an older since sent late would replace a newer one
+    /// (the final empty one of a dropped collection, say).
     fn send_sinces(&self, changed: BTreeMap<GlobalId, Antichain<Timestamp>>) {
         if !changed.is_empty() && !self.read_only {
             let _ = self.commands.send(Command::Sinces(changed));
@@ -772,8 +871,8 @@ impl Inner {
             }
         }
         let changed = self.apply(&mut collections, changes);
-        drop(collections);
         self.send_sinces(changed);
+        drop(collections);
     }
 }
 
@@ -846,8 +945,8 @@ impl ReadHold {
             batch.extend(self.since.iter().map(|t| (*t, -1)));
             let mut collections = inner.lock();
             let changed = inner.apply(&mut collections, BTreeMap::from([(self.id, batch)]));
-            drop(collections);
             inner.send_sinces(changed);
+            drop(collections);
         }
         self.since = new.clone();
     }
@@ -860,8 +959,8 @@ impl Clone for ReadHold {
             batch.extend(self.since.iter().map(|t| (*t, 1)));
             let mut collections = inner.lock();
             let changed = inner.apply(&mut collections, BTreeMap::from([(self.id, batch)]));
-            drop(collections);
             inner.send_sinces(changed);
+            drop(collections);
         }
         ReadHold {
             id: self.id,
@@ -886,6 +985,8 @@ struct BackgroundTask {
     desired: BTreeMap<GlobalId, Antichain<Timestamp>>,
     rx: mpsc::UnboundedReceiver<Command>,
     tick: Duration,
+    /// Shards a read-only controller found to exist (they never stop).
+    existing: BTreeSet<ShardId>,
 }
 
 impl BackgroundTask {
@@ -900,6 +1001,9 @@ impl BackgroundTask {
                 },
                 _ = tick.tick() => {
                     let Some(inner) = self.inner.upgrade() else { return };
+                    if inner.is_fenced() {
+                        return;
+                    }
                     self.follow_uppers(&inner).await;
                     self.finalize(&inner).await;
                 }
@@ -907,12 +1011,7 @@ impl BackgroundTask {
             let Some(inner) = self.inner.upgrade() else {
                 return;
             };
-            if inner
-                .fenced
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some()
-            {
+            if inner.is_fenced() {
                 return;
             }
             self.downgrade_sinces(&inner).await;
@@ -928,6 +1027,19 @@ impl BackgroundTask {
             .collect();
         let mut uppers = Vec::new();
         for (id, shard) in shards {
+            // A read-only controller must not create a shard by opening it.
+            if inner.read_only && !self.existing.contains(&shard) {
+                match inner.shard_exists(shard).await {
+                    Ok(true) => {
+                        self.existing.insert(shard);
+                    }
+                    Ok(false) => continue,
+                    Err(err) => {
+                        tracing::warn!(%id, %err, "cannot read the shard");
+                        continue;
+                    }
+                }
+            }
             match inner
                 .client
                 .fetch_recent_upper::<Row, (), Timestamp, i64>(shard)
@@ -1007,13 +1119,19 @@ impl BackgroundTask {
             .values()
             .map(|c| c.metadata.data_shard)
             .collect();
+        // A shard still mapped to a collection (sharing it) stays.
         let pending: BTreeSet<ShardId> = {
             let metadata = inner.metadata.lock().await;
-            metadata.current().unfinalized.clone()
+            let current = metadata.current();
+            let live: BTreeSet<ShardId> = current.collections.values().copied().collect();
+            current.unfinalized.difference(&live).copied().collect()
         };
         let mut finalized = BTreeSet::new();
         let to_finalize: Vec<ShardId> = pending.difference(&in_memory).copied().collect();
         for shard in to_finalize {
+            if inner.is_fenced() {
+                return;
+            }
             match finalize_shard(inner, shard).await {
                 Ok(()) => {
                     finalized.insert(shard);
@@ -1065,17 +1183,7 @@ async fn finalize_shard(inner: &Inner, shard: ShardId) -> Result<(), StorageErro
     let mut handle: Handle = client
         .open_critical_since(shard, CONTROLLER_CRITICAL_SINCE, diagnostics())
         .await?;
-    let current = *handle.opaque();
-    if current > inner.epoch {
-        return Err(StorageError::Fenced {
-            ours: inner.epoch,
-            current,
-        });
-    }
-    if let Err(newer) = handle
-        .compare_and_downgrade_since(&current, (&inner.epoch, &Antichain::new()))
-        .await?
-    {
+    if let Err(newer) = claim(&mut handle, inner.epoch, &Antichain::new()).await? {
         return Err(StorageError::Fenced {
             ours: inner.epoch,
             current: newer,
@@ -1085,4 +1193,30 @@ async fn finalize_shard(inner: &Inner, shard: ShardId) -> Result<(), StorageErro
         .finalize_shard::<Row, (), Timestamp, i64>(shard, diagnostics())
         .await?;
     Ok(())
+}
+
+/// Sets the handle's token to `epoch` and moves its since to `since`,
+/// unless a newer epoch holds it (`Ok(Err(newer))`). A token that changed
+/// to an epoch not newer than ours since the handle read it (an older
+/// controller, not yet aware it was fenced, claimed the shard meanwhile) is
+/// taken over, not taken for a newer controller's.
+async fn claim(
+    handle: &mut Handle,
+    epoch: u64,
+    since: &Antichain<Timestamp>,
+) -> Result<Result<Antichain<Timestamp>, u64>, StorageError> {
+    let mut expected = *handle.opaque();
+    loop {
+        if expected > epoch {
+            return Ok(Err(expected));
+        }
+        match handle
+            .compare_and_downgrade_since(&expected, (&epoch, since))
+            .await?
+        {
+            Ok(since) => return Ok(Ok(since)),
+            // Tokens only grow, so this ends.
+            Err(current) => expected = current,
+        }
+    }
 }

@@ -239,6 +239,20 @@ impl DurableMetadata {
     /// Reads the latest metadata, and fails with `Fenced` if a newer epoch
     /// is in charge.
     pub async fn reload(&mut self) -> Result<(), StorageError> {
+        // Opening a shard that does not exist creates it: a read-only
+        // controller (no writer) must not, so it sees no metadata yet.
+        if self.write.is_none()
+            && self
+                .client
+                .shard_codecs(self.shard)
+                .await
+                .map_err(|e| StorageError::Persist(e.to_string()))?
+                .is_none()
+        {
+            self.upper = 0;
+            self.current = Metadata::default();
+            return Ok(());
+        }
         let upper = self
             .client
             .fetch_recent_upper::<Key, (), u64, i64>(self.shard)
