@@ -218,10 +218,17 @@ impl DurableMetadata {
             epoch,
         };
         metadata.reload().await?;
-        if claim && metadata.current.epoch < epoch {
+        // Another controller's commit may land between our read and our
+        // claim; `commit` then reloads (failing if that one was newer), and
+        // the claim is retried on the fresh metadata.
+        while claim && metadata.current.epoch < epoch {
             let mut txn = metadata.txn();
             txn.next.epoch = epoch;
-            metadata.commit(txn).await?;
+            match metadata.commit(txn).await {
+                Ok(()) => break,
+                Err(StorageError::MetadataConflict) => continue,
+                Err(err) => return Err(err),
+            }
         }
         Ok(metadata)
     }
@@ -317,9 +324,8 @@ impl DurableMetadata {
     pub async fn commit(&mut self, txn: MetadataTxn) -> Result<(), StorageError> {
         self.check_epoch()?;
         if txn.base != self.current {
-            return Err(StorageError::Metadata(
-                "transaction started from stale metadata".to_owned(),
-            ));
+            // Another commit through this handle came first.
+            return Err(StorageError::MetadataConflict);
         }
         let (before, after) = (txn.base.records(), txn.next.records());
         let mut updates = Vec::new();
@@ -350,9 +356,7 @@ impl DurableMetadata {
             }
             Err(_) => {
                 self.reload().await?;
-                Err(StorageError::Metadata(
-                    "the metadata changed concurrently; retry the transaction".to_owned(),
-                ))
+                Err(StorageError::MetadataConflict)
             }
         }
     }

@@ -121,6 +121,10 @@ pub enum StorageError {
     /// The collection's shard or persist itself failed.
     #[error("persist: {0}")]
     Persist(String),
+    /// Another change to the durable metadata came first: nothing was
+    /// written; rebuild the change on the fresh metadata and retry.
+    #[error("the durable metadata changed concurrently; retry")]
+    MetadataConflict,
     /// The durable metadata cannot be interpreted.
     #[error("durable metadata: {0}")]
     Metadata(String),
