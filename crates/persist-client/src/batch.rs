@@ -5,7 +5,6 @@ use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use differential_dataflow::consolidation::consolidate_updates;
 use differential_dataflow::difference::Semigroup;
 use differential_dataflow::lattice::Lattice;
 use persist::Blob;
@@ -18,11 +17,12 @@ use uuid::Uuid;
 use crate::Marker;
 use crate::cfg::DynamicConfig;
 use crate::error::{ClientError, Codecs, InvalidUsage, ShardError};
-use crate::fetch::RawUpdate;
+use crate::fetch::BorrowedUpdate;
 use crate::ids::WriterId;
 use crate::internal::machine::{Backoff, Machine};
 use crate::internal::part::part_codecs;
 use crate::internal::state::HollowPart;
+use crate::read::consolidate_runs;
 
 /// Updates of one shard in `[lower, upper)`, written to blob as parts.
 ///
@@ -216,7 +216,12 @@ pub enum Added {
 pub struct BatchBuilder<K: Codec, V: Codec, T, D> {
     pub(crate) writer: PartWriter<T>,
     pub(crate) lower: Antichain<T>,
-    pub(crate) buffer: Vec<RawUpdate<T, D>>,
+    /// The encoded keys and values of the buffered updates, back to back:
+    /// one allocation for them all, reused from part to part.
+    pub(crate) arena: Vec<u8>,
+    /// The buffered updates: where their key ends (and their value starts)
+    /// and where their value ends in `arena`, their time and diff.
+    pub(crate) buffer: Vec<((usize, usize, usize), T, D)>,
     pub(crate) buffered_bytes: usize,
     /// The part size to aim for, read once when the builder is made.
     pub(crate) target_size: usize,
@@ -255,6 +260,7 @@ where
         BatchBuilder {
             writer,
             lower,
+            arena: Vec::new(),
             buffer: Vec::new(),
             buffered_bytes: 0,
             target_size,
@@ -286,11 +292,14 @@ where
             self.maxima.retain(|m| !m.less_equal(ts));
             self.maxima.push(ts.clone());
         }
-        let (mut k, mut v) = (Vec::new(), Vec::new());
-        key.encode(&mut k);
-        val.encode(&mut v);
-        self.buffered_bytes += k.len() + v.len() + UPDATE_OVERHEAD_BYTES;
-        self.buffer.push(((k, v), ts.clone(), diff.clone()));
+        let start = self.arena.len();
+        key.encode(&mut self.arena);
+        let key_end = self.arena.len();
+        val.encode(&mut self.arena);
+        let val_end = self.arena.len();
+        self.buffered_bytes += val_end - start + UPDATE_OVERHEAD_BYTES;
+        self.buffer
+            .push(((start, key_end, val_end), ts.clone(), diff.clone()));
         if self.buffered_bytes >= self.target_size {
             self.flush().await?;
             return Ok(Added::RecordAndParts);
@@ -300,10 +309,24 @@ where
 
     /// Consolidates the buffered updates and writes them as one part.
     async fn flush(&mut self) -> Result<(), ShardError> {
-        let mut updates = std::mem::take(&mut self.buffer);
+        let mut start = 0;
+        let mut updates: Vec<BorrowedUpdate<'_, T, D>> = self
+            .buffer
+            .drain(..)
+            .map(|((key_start, key_end, val_end), t, d)| {
+                debug_assert_eq!(key_start, start);
+                start = val_end;
+                let key = &self.arena[key_start..key_end];
+                let val = &self.arena[key_end..val_end];
+                ((key, val), t, d)
+            })
+            .collect();
+        consolidate_runs(&mut updates);
+        let written = self.writer.write_part(&updates).await;
+        drop(updates);
+        self.arena.clear();
         self.buffered_bytes = 0;
-        consolidate_updates(&mut updates);
-        if let Some(part) = self.writer.write_part(&updates).await? {
+        if let Some(part) = written? {
             self.len += part.len;
             self.parts.push(part);
         }
@@ -367,7 +390,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> PartWriter<T> {
     /// key, retrying external failures. Returns `None` for no updates.
     pub async fn write_part<D: Semigroup + Codec64>(
         &self,
-        updates: &[RawUpdate<T, D>],
+        updates: &[BorrowedUpdate<'_, T, D>],
     ) -> Result<Option<HollowPart>, ShardError> {
         let Some((_, first, _)) = updates.first() else {
             return Ok(None);

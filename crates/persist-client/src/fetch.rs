@@ -400,9 +400,6 @@ impl PartReader {
 /// decoded part.
 pub(crate) type BorrowedUpdate<'a, T, D> = ((&'a [u8], &'a [u8]), T, D);
 
-/// An update with its key and value still encoded.
-pub(crate) type RawUpdate<T, D> = ((Vec<u8>, Vec<u8>), T, D);
-
 /// Whether `t` lies in `[lower, upper)` of `desc`.
 fn in_description<T: Timestamp>(t: &T, desc: &Description<T>) -> bool {
     desc.lower().less_equal(t) && !desc.upper().less_equal(t)
