@@ -29,6 +29,10 @@ pub struct PersistConfig {
     /// writer waiting for a shard to change (polls start at 1 ms and
     /// double). Changes made through this process are seen at once.
     pub listen_poll_max: Duration,
+    /// The share (0 to 100) of parts skipped by a read's statistics filter
+    /// that are fetched anyway to check their statistics (see
+    /// `ReadHandle::snapshot_cursor`).
+    pub stats_audit_percent: u32,
     /// The shortest interval between since downgrades by
     /// `maybe_downgrade_since` (downgrades to the empty frontier are never
     /// delayed).
@@ -45,6 +49,7 @@ impl Default for PersistConfig {
             initial_retry_backoff: Duration::from_millis(4),
             max_retry_backoff: Duration::from_secs(16),
             listen_poll_max: Duration::from_millis(250),
+            stats_audit_percent: 1,
             since_downgrade_interval: Duration::from_secs(1),
         }
     }
@@ -84,6 +89,7 @@ impl PersistConfig {
             initial_retry_backoff: Duration::from_millis(1),
             max_retry_backoff: Duration::from_millis(50),
             listen_poll_max: Duration::from_millis(50),
+            stats_audit_percent: 100,
             since_downgrade_interval: Duration::ZERO,
         }
     }

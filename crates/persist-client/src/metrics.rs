@@ -37,6 +37,8 @@ pub struct Metrics {
     /// The encoded size of each shard's latest state this client wrote or
     /// read, in bytes.
     pub(crate) state_bytes: IntGaugeVec,
+    /// Statistics audits of filtered parts by outcome (`right`, `wrong`).
+    pub(crate) stats_audits: IntCounterVec,
     /// Registered handles per shard and kind (`writer`, `leased_reader`,
     /// `critical_reader`), as of the latest state seen.
     pub(crate) handles: IntGaugeVec,
@@ -134,6 +136,16 @@ impl Metrics {
                         "encoded size of a shard's latest state",
                     ),
                     &["shard"],
+                ),
+            ),
+            stats_audits: build(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "persist_stats_audits_total",
+                        "audits of parts a statistics filter skipped, by outcome",
+                    ),
+                    &["outcome"],
                 ),
             ),
             handles: build(

@@ -316,16 +316,19 @@ where
 
     /// A cursor over the snapshot at `as_of`, fetching one part at a time
     /// (memory stays bounded by the largest part) and skipping parts whose
-    /// statistics `should_fetch_part` rejects.
+    /// statistics `should_fetch_part` rejects. A sample of the skipped parts
+    /// is audited (`PersistConfig::stats_audit_percent`): fetched, and kept
+    /// if their statistics turn out wrong.
     pub async fn snapshot_cursor(
         &mut self,
         as_of: Antichain<T>,
         should_fetch_part: impl Fn(&PartStats) -> bool,
     ) -> Result<Cursor<K, V, T, D>, ClientError<T>> {
         let parts = self.snapshot(as_of).await?;
+        let audit_percent = self.machine.cfg().stats_audit_percent;
         let mut kept = VecDeque::new();
         for part in parts {
-            if should_fetch_part(&part.stats()) {
+            if should_fetch_part(&part.stats()) || !self.audit_skip(&part, audit_percent).await? {
                 kept.push_back(part);
             } else {
                 self.release(&part);
@@ -339,6 +342,43 @@ where
             parts: kept,
             _phantom: PhantomData,
         })
+    }
+
+    /// Whether skipping `part` on the strength of its statistics is safe.
+    ///
+    /// For a sample of the skipped parts (`audit_percent` of them, picked
+    /// by a hash of the part's key, so the same parts every time) this
+    /// fetches the part and checks its statistics against its contents. A
+    /// part whose statistics lie is reported (an error log and the
+    /// `persist_stats_audits_total{outcome="wrong"}` metric) and read after
+    /// all, so a wrong filter never drops data it audited.
+    async fn audit_skip(
+        &self,
+        part: &LeasedBatchPart<T>,
+        audit_percent: u32,
+    ) -> Result<bool, ClientError<T>> {
+        if crc32fast::hash(part.part.key.as_bytes()) % 100 >= audit_percent {
+            return Ok(true);
+        }
+        let stats = part.stats();
+        let decoded = self.reader.fetch_decoded(&part.part).await?;
+        let truthful = decoded.len() as u64 == stats.len
+            && decoded
+                .iter()
+                .all(|(k, ..)| stats.may_contain_key_range(k, k));
+        let metrics = self.machine.metrics();
+        let outcome = if truthful { "right" } else { "wrong" };
+        if let Some(metrics) = &metrics {
+            metrics.stats_audits.with_label_values(&[outcome]).inc();
+        }
+        if !truthful {
+            tracing::error!(
+                shard = %self.machine.shard_id(),
+                key = %part.part.key,
+                "part statistics do not match its contents; reading it after all"
+            );
+        }
+        Ok(truthful)
     }
 
     /// The snapshot at `as_of` as a stream of updates, fetched one part at

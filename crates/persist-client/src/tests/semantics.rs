@@ -629,3 +629,43 @@ async fn metrics_count_appends_bytes_and_handles() {
             > 0
     );
 }
+
+/// Parts a statistics filter skips are audited: one whose statistics lie
+/// about its contents is reported and read after all.
+#[tokio::test]
+async fn stats_audits_catch_parts_whose_statistics_lie() {
+    let client = PersistClient::new_for_tests().await; // Audits every skipped part.
+    let (shard, other) = (ShardId::new(), ShardId::new());
+    let row = |k: &str| ((k.to_owned(), "v".to_owned()), 0u64, 1i64);
+    let (mut write, mut read) = expect_open::<String, String, u64, i64>(&client, shard).await;
+    expect_compare_and_append(&mut write, &[row("a"), row("b")], 0, 1).await;
+    let (mut write2, _) = expect_open::<String, String, u64, i64>(&client, other).await;
+    expect_compare_and_append(&mut write2, &[row("z")], 0, 1).await;
+    let wants_x_to_z = |stats: &persist::part::PartStats| stats.may_contain_key_range(b"x", b"zz");
+
+    // Truthful statistics: the audit agrees and the part is skipped.
+    let mut cursor = read.snapshot_cursor(f(0), wants_x_to_z).await.unwrap();
+    assert!(cursor.next().await.is_none());
+    let audits = |outcome: &str| {
+        client
+            .metrics()
+            .stats_audits
+            .with_label_values(&[outcome])
+            .get()
+    };
+    assert_eq!((audits("right"), audits("wrong")), (1, 0));
+
+    // Make the part hold "z" while its statistics still say "a" to "b".
+    let ours = blob_keys(client.blob(), &format!("{shard}/"))
+        .await
+        .remove(0);
+    let theirs = blob_keys(client.blob(), &format!("{other}/"))
+        .await
+        .remove(0);
+    let bytes = client.blob().get(&theirs).await.unwrap().unwrap();
+    client.blob().set(&ours, bytes).await.unwrap();
+    let mut cursor = read.snapshot_cursor(f(0), wants_x_to_z).await.unwrap();
+    let got = cursor.next().await.unwrap().unwrap();
+    assert_eq!(got, vec![((Ok("z".to_owned()), Ok("v".to_owned())), 0, 1)]);
+    assert_eq!((audits("right"), audits("wrong")), (1, 1));
+}
