@@ -112,6 +112,21 @@ impl<T: Timestamp + Lattice + Codec64> LeasedBatchPart<T> {
         in_description(t, &self.desc) && self.filter.keep(t)
     }
 
+    /// The time every update of the part reads as, if the part's time
+    /// bounds show they all do: a snapshot at a single-element `as_of`
+    /// advances every time at or before it to the `as_of` itself, so a part
+    /// wholly inside its batch and at or before the `as_of` needs no
+    /// per-update filtering.
+    pub(crate) fn uniform_time(&self) -> Option<T> {
+        let FetchFilter::Snapshot { as_of } = &self.filter else {
+            return None;
+        };
+        let [a] = as_of.elements() else { return None };
+        let (lower, upper) = (T::decode(self.part.ts_lower), T::decode(self.part.ts_upper));
+        let inside = self.desc.lower().less_equal(&lower) && !self.desc.upper().less_equal(&upper);
+        (inside && upper.less_equal(a)).then(|| a.clone())
+    }
+
     /// Whether fetching the part may yield any update (its time bounds say
     /// whether any time passes the reader's filter).
     pub(crate) fn may_have_updates(&self) -> bool {
@@ -408,6 +423,45 @@ fn in_description<T: Timestamp>(t: &T, desc: &Description<T>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// When a part reads as one uniform time, every one of its times
+        /// passes the filter and advances to exactly that time.
+        #[test]
+        fn uniform_times_agree_with_the_per_update_filter(
+            times in proptest::collection::vec(0u64..20, 1..8),
+            (lower, upper, as_of) in (0u64..20, 0u64..25, 0u64..25),
+        ) {
+            let (min, max) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
+            let part = LeasedBatchPart {
+                shard_id: ShardId::new(),
+                reader_id: None,
+                leased_seqno: None,
+                desc: Description::new(
+                    Antichain::from_elem(lower),
+                    Antichain::from_elem(upper.max(lower)),
+                    Antichain::from_elem(0),
+                ),
+                part: HollowPart {
+                    key: "k".into(),
+                    len: times.len() as u64,
+                    encoded_size_bytes: 0,
+                    key_lower: vec![],
+                    key_upper: None,
+                    ts_lower: Codec64::encode(&min),
+                    ts_upper: Codec64::encode(&max),
+                },
+                filter: FetchFilter::Snapshot { as_of: Antichain::from_elem(as_of) },
+            };
+            if let Some(uniform) = part.uniform_time() {
+                for t in &times {
+                    let mut t = *t;
+                    proptest::prop_assert!(part.keeps(&mut t));
+                    proptest::prop_assert_eq!(t, uniform);
+                }
+            }
+        }
+    }
 
     #[test]
     fn snapshot_and_listen_filters_split_every_time_exactly_once() {

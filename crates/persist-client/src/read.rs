@@ -921,6 +921,13 @@ where
     let len = decoded.iter().map(DecodedPart::len).sum();
     let mut updates: Vec<BorrowedUpdate<'_, T, D>> = Vec::with_capacity(len);
     for (part, data) in parts.iter().zip(&decoded) {
+        if let Some(t) = part.uniform_time() {
+            updates.extend(
+                data.iter()
+                    .map(|(k, v, _, d)| ((k, v), t.clone(), D::decode(d))),
+            );
+            continue;
+        }
         for (k, v, t, d) in data.iter() {
             let mut t = T::decode(t);
             if part.keeps(&mut t) {
