@@ -388,6 +388,7 @@ pub(crate) struct PartWriter<T> {
 impl<T: Timestamp + Lattice + Codec64 + Sync> PartWriter<T> {
     /// Encodes consolidated `updates` as one part and writes it to a fresh
     /// key, retrying external failures. Returns `None` for no updates.
+    #[tracing::instrument(level = "debug", skip_all, fields(shard = %self.shard_id, updates = updates.len()))]
     pub async fn write_part<D: Semigroup + Codec64>(
         &self,
         updates: &[BorrowedUpdate<'_, T, D>],

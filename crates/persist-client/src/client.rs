@@ -467,6 +467,7 @@ impl PersistClient {
     /// since and upper are both empty (`FinalizationError` otherwise), so
     /// no one can read or write it any more. Idempotent: a retry after a
     /// failure finishes the job.
+    #[tracing::instrument(level = "debug", skip_all, fields(shard = %shard_id))]
     pub async fn finalize_shard<K, V, T, D>(
         &self,
         shard_id: ShardId,

@@ -333,6 +333,7 @@ pub(crate) struct PartReader {
 
 impl PartReader {
     /// The part's bytes, checked to be a part of this shard's codecs.
+    #[tracing::instrument(level = "debug", skip_all, fields(shard = %self.shard_id, key = %part.key))]
     pub async fn fetch_decoded(&self, part: &HollowPart) -> Result<DecodedPart, ShardError> {
         let bytes = self.fetch_bytes(&part.key).await?;
         let decoded = decode_part(bytes).map_err(|e| self.part_error(&part.key, e.to_string()))?;

@@ -273,6 +273,7 @@ where
     /// On success the batches are consumed. On [`UpperMismatch`] they are
     /// left to the caller (to retry, or delete), and the handle's upper
     /// becomes the shard's.
+    #[tracing::instrument(level = "debug", skip_all, fields(shard = %self.machine.shard_id()))]
     pub async fn compare_and_append_batch(
         &mut self,
         batches: &mut [&mut Batch<K, V, T, D>],

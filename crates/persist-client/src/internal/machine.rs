@@ -270,6 +270,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
 
     /// Reads the latest state from consensus (retrying external failures),
     /// caches it, and returns it.
+    #[tracing::instrument(level = "trace", skip_all, fields(shard = %self.shard_id))]
     pub async fn fetch_latest(&self) -> Result<Arc<State<T>>, MachineError> {
         let key = self.shard_id.to_string();
         let mut backoff = Backoff::new(&self.cfg.get());
@@ -321,6 +322,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
     /// and may be called several times: it must be deterministic in its
     /// inputs and safe to re-apply to a state that already contains its own
     /// effect (an indeterminate write may have committed).
+    #[tracing::instrument(level = "debug", skip_all, fields(shard = %self.shard_id))]
     pub async fn apply<R>(
         &self,
         mut transition: impl FnMut(&mut State<T>, u64) -> Transition<R>,
