@@ -21,6 +21,7 @@ use crate::fetch::{FetchFilter, FetchedUpdate, LeasedBatchPart};
 use crate::ids::{CriticalReaderId, LeasedReaderId, WriterId};
 use crate::internal::cache::StateCache;
 use crate::internal::encoding::{StateDecodeError, decode_codecs, decode_state};
+use crate::internal::heartbeat::{self, Holder};
 use crate::internal::inspect::state_json;
 use crate::internal::machine::{Backoff, Machine, Transition};
 use crate::internal::part::codecs_of;
@@ -28,7 +29,7 @@ use crate::internal::state::SnapshotError;
 use crate::metrics::{MeteredBlob, MeteredConsensus, Metrics};
 use crate::read::fetch_consolidated;
 use crate::read::{ReadHandle, open_reader};
-use crate::write::{WriteHandle, duration_ms, expire_writer_on_drop, start_heartbeats};
+use crate::write::{WriteHandle, duration_ms};
 
 /// The critical reader id by convention used by the controller that owns a
 /// shard's since.
@@ -264,8 +265,8 @@ impl PersistClient {
             })
             .await?;
         let upper = upper.ok_or(ShardError::Finalized { shard: shard_id })?;
-        let heartbeat = start_heartbeats(&machine, writer_id);
-        let expire_on_drop = expire_writer_on_drop(&machine, writer_id);
+        let heartbeat = heartbeat::spawn(machine.clone(), Holder::Writer(writer_id));
+        let expire_on_drop = heartbeat::expire_on_drop(&machine, Holder::Writer(writer_id));
         Ok(WriteHandle {
             machine,
             blob: Arc::clone(&self.blob),

@@ -21,7 +21,7 @@ use crate::fetch::{
     SerdeLeasedBatchPart, part_stats,
 };
 use crate::ids::LeasedReaderId;
-use crate::internal::heartbeat::{self, HeartbeatTask};
+use crate::internal::heartbeat::{self, ExpireOnDrop, HeartbeatTask, Holder};
 use crate::internal::machine::{Machine, Transition};
 use crate::internal::state::{HollowBatch, SnapshotError, State};
 use crate::write::duration_ms;
@@ -481,7 +481,7 @@ where
     async fn expire_now(&mut self) {
         self.expired = true;
         self.heartbeat = None;
-        expire_reader(&self.machine, self.reader_id).await;
+        heartbeat::expire(&self.machine, Holder::Reader(self.reader_id)).await;
     }
 
     /// Stops heartbeats without expiring, as a hung process would (tests).
@@ -511,8 +511,7 @@ where
     V: Codec,
     T: Timestamp + Lattice + Codec64 + Sync,
 {
-    let lease = machine.cfg().reader_lease_duration;
-    let lease_ms = duration_ms(lease);
+    let lease_ms = duration_ms(machine.cfg().reader_lease_duration);
     let (_, since) = machine
         .apply(|state, now| {
             if state.is_finalized() {
@@ -527,13 +526,7 @@ where
     let since = since.ok_or(ShardError::Finalized {
         shard: machine.shard_id(),
     })?;
-    let interval = heartbeat::interval_for(lease);
-    let heartbeat = heartbeat::spawn(
-        machine.clone(),
-        reader_id.to_string(),
-        interval,
-        move |state, now| state.heartbeat_leased_reader(reader_id, now),
-    );
+    let heartbeat = heartbeat::spawn(machine.clone(), Holder::Reader(reader_id));
     Ok(ReadHandle {
         machine: machine.clone(),
         reader,
@@ -545,7 +538,10 @@ where
         last_downgrade: Instant::now(),
         heartbeat: Some(heartbeat),
         expired: false,
-        expire_on_drop: Some(expire_reader_on_drop(machine, reader_id)),
+        expire_on_drop: Some(heartbeat::expire_on_drop(
+            machine,
+            Holder::Reader(reader_id),
+        )),
         _phantom: PhantomData,
     })
 }
@@ -557,25 +553,7 @@ pub(crate) async fn tests_expire_reader<K: Codec, V: Codec, T, D>(handle: &ReadH
 where
     T: Timestamp + Lattice + Codec64 + Sync,
 {
-    expire_reader(&handle.machine, handle.reader_id).await;
-}
-
-async fn expire_reader<T: Timestamp + Lattice + Codec64 + Sync>(
-    machine: &Machine<T>,
-    id: LeasedReaderId,
-) {
-    let result = machine
-        .apply(|state, _| {
-            if state.expire_leased_reader(id) {
-                Transition::Write(())
-            } else {
-                Transition::Skip(())
-            }
-        })
-        .await;
-    if let Err(err) = result {
-        tracing::warn!(shard = %machine.shard_id(), %err, "could not expire reader {id}");
-    }
+    heartbeat::expire(&handle.machine, Holder::Reader(handle.reader_id)).await;
 }
 
 impl<K: Codec, V: Codec, T, D> Drop for ReadHandle<K, V, T, D> {
@@ -588,23 +566,6 @@ impl<K: Codec, V: Codec, T, D> Drop for ReadHandle<K, V, T, D> {
         }
     }
 }
-
-/// Expires a reader in the background when its handle is dropped (best
-/// effort: without a runtime the lease simply lapses).
-fn expire_reader_on_drop<T>(machine: &Machine<T>, id: LeasedReaderId) -> ExpireOnDrop
-where
-    T: Timestamp + Lattice + Codec64 + Sync,
-{
-    let machine = machine.clone();
-    Box::new(move || {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { expire_reader(&machine, id).await });
-        }
-    })
-}
-
-/// What a handle runs when dropped unexpired.
-pub(crate) type ExpireOnDrop = Box<dyn FnOnce() + Send + Sync>;
 
 /// Reads a snapshot one part at a time.
 pub struct Cursor<K: Codec, V: Codec, T, D> {

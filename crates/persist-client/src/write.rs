@@ -16,10 +16,9 @@ use timely::progress::{Antichain, Timestamp};
 use crate::batch::{Batch, BatchBuilder, PartWriter, TransmittableBatch};
 use crate::error::{ClientError, InvalidUsage, UpperMismatch};
 use crate::ids::{IdempotencyToken, WriterId};
-use crate::internal::heartbeat::{self, HeartbeatTask};
+use crate::internal::heartbeat::{self, ExpireOnDrop, HeartbeatTask, Holder};
 use crate::internal::machine::{Machine, Transition};
 use crate::internal::state::{CompareAndAppendBreak, HollowBatch};
-use crate::read::ExpireOnDrop;
 
 /// Appends to one shard.
 ///
@@ -402,7 +401,10 @@ where
                     .as_ref()
                     .is_none_or(HeartbeatTask::is_finished)
                 {
-                    self.heartbeat = Some(start_heartbeats(&self.machine, self.writer_id));
+                    self.heartbeat = Some(heartbeat::spawn(
+                        self.machine.clone(),
+                        Holder::Writer(self.writer_id),
+                    ));
                 }
                 Ok(Ok(()))
             }
@@ -464,7 +466,7 @@ where
     async fn expire_now(&mut self) {
         self.expired = true;
         self.heartbeat = None;
-        expire_writer(&self.machine, self.writer_id).await;
+        heartbeat::expire(&self.machine, Holder::Writer(self.writer_id)).await;
     }
 
     /// Whether the heartbeat task still runs (tests).
@@ -480,25 +482,7 @@ pub(crate) async fn tests_expire_writer<K: Codec, V: Codec, T, D>(handle: &Write
 where
     T: Timestamp + Lattice + Codec64 + Sync,
 {
-    expire_writer(&handle.machine, handle.writer_id).await;
-}
-
-async fn expire_writer<T: Timestamp + Lattice + Codec64 + Sync>(
-    machine: &Machine<T>,
-    id: WriterId,
-) {
-    let result = machine
-        .apply(|state, _| {
-            if state.expire_writer(id) {
-                Transition::Write(())
-            } else {
-                Transition::Skip(())
-            }
-        })
-        .await;
-    if let Err(err) = result {
-        tracing::warn!(shard = %machine.shard_id(), %err, "could not expire writer {id}");
-    }
+    heartbeat::expire(&handle.machine, Holder::Writer(handle.writer_id)).await;
 }
 
 impl<K: Codec, V: Codec, T, D> Drop for WriteHandle<K, V, T, D> {
@@ -510,34 +494,6 @@ impl<K: Codec, V: Codec, T, D> Drop for WriteHandle<K, V, T, D> {
             expire();
         }
     }
-}
-
-/// Expires a writer in the background when its handle is dropped (best
-/// effort: without a runtime the lease simply lapses).
-pub(crate) fn expire_writer_on_drop<T>(machine: &Machine<T>, id: WriterId) -> ExpireOnDrop
-where
-    T: Timestamp + Lattice + Codec64 + Sync,
-{
-    let machine = machine.clone();
-    Box::new(move || {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { expire_writer(&machine, id).await });
-        }
-    })
-}
-
-/// Starts a writer's heartbeats.
-pub(crate) fn start_heartbeats<T>(machine: &Machine<T>, id: WriterId) -> HeartbeatTask
-where
-    T: Timestamp + Lattice + Codec64 + Sync,
-{
-    let interval = heartbeat::interval_for(machine.cfg().writer_lease_duration);
-    heartbeat::spawn(
-        machine.clone(),
-        id.to_string(),
-        interval,
-        move |state, now| state.heartbeat_writer(id, now),
-    )
 }
 
 /// A duration in whole milliseconds, saturating.
