@@ -3,100 +3,21 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use persist::mem::{MemBlob, MemConsensus};
-use persist::{Blob, CaSResult, Consensus, ExternalError, SeqNo, VersionedData};
-use persist_client::{Diagnostics, PersistClient, PersistConfig};
-use persist_types::{PersistLocation, ShardId, SimpleSchema};
+use persist_client::Diagnostics;
+use persist_types::ShardId;
 use storage_collections::{
-    CollectionDescription, ControllerConfig, GlobalId, ReadPolicy, StorageCollections,
-    StorageCollectionsImpl, StorageError, Update,
+    CollectionDescription, GlobalId, ReadPolicy, StorageCollections, StorageCollectionsImpl,
+    StorageError,
 };
 use timely::progress::Antichain;
 
-fn f(t: u64) -> Antichain<u64> {
-    Antichain::from_elem(t)
-}
-
-/// A location shared by every controller of a test.
-struct Location {
-    blob: Arc<dyn Blob>,
-    consensus: Arc<dyn Consensus>,
-    metadata_shard: ShardId,
-}
-
-impl Location {
-    fn new() -> Self {
-        Location {
-            blob: Arc::new(MemBlob::new()),
-            consensus: Arc::new(MemConsensus::new()),
-            metadata_shard: ShardId::new(),
-        }
-    }
-
-    /// A client as a fresh process would have it.
-    fn client(&self) -> PersistClient {
-        PersistClient::new(
-            PersistConfig::new_for_tests(),
-            Arc::clone(&self.blob),
-            Arc::clone(&self.consensus),
-        )
-    }
-
-    async fn controller(&self, epoch: u64) -> StorageCollectionsImpl {
-        self.controller_with(self.client(), epoch, false)
-            .await
-            .unwrap()
-    }
-
-    async fn controller_with(
-        &self,
-        client: PersistClient,
-        epoch: u64,
-        read_only: bool,
-    ) -> Result<StorageCollectionsImpl, StorageError> {
-        StorageCollectionsImpl::open(
-            client,
-            PersistLocation::new_in_mem(),
-            self.metadata_shard,
-            epoch,
-            read_only,
-            ControllerConfig {
-                tick: Duration::from_millis(10),
-            },
-        )
-        .await
-    }
-}
-
-/// Appends `n` rows at times `[lower, upper)` to a collection.
-async fn write(sc: &StorageCollectionsImpl, id: GlobalId, lower: u64, upper: u64) {
-    let shard = sc.collection_metadata(id).unwrap().data_shard;
-    let mut writer = sc
-        .client()
-        .open_writer::<Vec<u8>, (), u64, i64>(
-            shard,
-            Arc::new(SimpleSchema::new()),
-            Arc::new(SimpleSchema::new()),
-            Diagnostics::for_tests(),
-        )
-        .await
-        .unwrap();
-    let updates: Vec<Update> = (lower..upper)
-        .map(|t| ((t.to_be_bytes().to_vec(), ()), t, 1))
-        .collect();
-    writer
-        .compare_and_append(&updates, f(lower), f(upper))
-        .await
-        .unwrap()
-        .unwrap();
-    writer.expire().await;
-}
+use common::*;
 
 async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     for _ in 0..500 {
@@ -108,10 +29,6 @@ async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     panic!("timed out waiting for {what}");
 }
 
-fn since(sc: &StorageCollectionsImpl, id: GlobalId) -> Antichain<u64> {
-    sc.collection_frontiers(id).unwrap().read_capabilities
-}
-
 /// The critical since the controller holds in persist for a shard.
 async fn persisted_since(sc: &StorageCollectionsImpl, id: GlobalId) -> Antichain<u64> {
     let shard = sc.collection_metadata(id).unwrap().data_shard;
@@ -120,10 +37,6 @@ async fn persisted_since(sc: &StorageCollectionsImpl, id: GlobalId) -> Antichain
         .await
         .unwrap()
 }
-
-const T1: GlobalId = GlobalId::User(1);
-const T2: GlobalId = GlobalId::User(2);
-const D3: GlobalId = GlobalId::User(3);
 
 #[tokio::test]
 async fn snapshot_stats_count_updates_up_to_the_as_of() {
@@ -444,48 +357,6 @@ async fn a_newer_epoch_fences_the_older_controller() {
     );
 }
 
-/// Counts the writes that reach consensus.
-#[derive(Debug)]
-struct CountingConsensus {
-    inner: Arc<dyn Consensus>,
-    writes: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl Consensus for CountingConsensus {
-    async fn head(&self, key: &str) -> Result<Option<VersionedData>, ExternalError> {
-        self.inner.head(key).await
-    }
-
-    async fn compare_and_set(
-        &self,
-        key: &str,
-        expected: Option<SeqNo>,
-        new: VersionedData,
-    ) -> Result<CaSResult, ExternalError> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.compare_and_set(key, expected, new).await
-    }
-
-    async fn scan(
-        &self,
-        key: &str,
-        from: SeqNo,
-        limit: usize,
-    ) -> Result<Vec<VersionedData>, ExternalError> {
-        self.inner.scan(key, from, limit).await
-    }
-
-    async fn truncate(&self, key: &str, seqno: SeqNo) -> Result<usize, ExternalError> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.truncate(key, seqno).await
-    }
-
-    async fn list_keys(&self) -> Result<Vec<String>, ExternalError> {
-        self.inner.list_keys().await
-    }
-}
-
 #[tokio::test]
 async fn read_only_mode_writes_nothing() {
     let location = Location::new();
@@ -499,16 +370,7 @@ async fn read_only_mode_writes_nothing() {
         .unwrap();
     write(&writable, T1, 0, 10).await;
 
-    let writes = Arc::new(AtomicUsize::new(0));
-    let counting: Arc<dyn Consensus> = Arc::new(CountingConsensus {
-        inner: Arc::clone(&location.consensus),
-        writes: Arc::clone(&writes),
-    });
-    let client = PersistClient::new(
-        PersistConfig::new_for_tests(),
-        Arc::clone(&location.blob),
-        counting,
-    );
+    let (client, writes) = counting_client(&location);
     let read_only = location.controller_with(client, 2, true).await.unwrap();
     read_only
         .initialize_state(&BTreeSet::from([T1]))

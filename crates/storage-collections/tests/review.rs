@@ -3,111 +3,24 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use persist::mem::{MemBlob, MemConsensus};
-use persist::{Blob, CaSResult, Consensus, ExternalError, SeqNo, VersionedData};
+use persist::{CaSResult, Consensus, ExternalError, SeqNo, VersionedData};
 use persist_client::{
     CONTROLLER_CRITICAL_SINCE, Diagnostics, PersistClient, PersistConfig, SinceHandle,
 };
-use persist_types::{PersistLocation, ShardId, SimpleSchema};
-use storage_collections::{
-    CollectionDescription, ControllerConfig, DataSource, GlobalId, ReadPolicy,
-    StorageCollectionsImpl, StorageError, Update,
-};
+use persist_types::ShardId;
+use storage_collections::{CollectionDescription, DataSource, GlobalId, ReadPolicy, StorageError};
 use timely::progress::Antichain;
 
-fn f(t: u64) -> Antichain<u64> {
-    Antichain::from_elem(t)
-}
-
-const T1: GlobalId = GlobalId::User(1);
-const T2: GlobalId = GlobalId::User(2);
-const D3: GlobalId = GlobalId::User(3);
-
-struct Location {
-    blob: Arc<dyn Blob>,
-    consensus: Arc<dyn Consensus>,
-    metadata_shard: ShardId,
-}
-
-impl Location {
-    fn new() -> Self {
-        Location {
-            blob: Arc::new(MemBlob::new()),
-            consensus: Arc::new(MemConsensus::new()),
-            metadata_shard: ShardId::new(),
-        }
-    }
-
-    fn client(&self) -> PersistClient {
-        PersistClient::new(
-            PersistConfig::new_for_tests(),
-            Arc::clone(&self.blob),
-            Arc::clone(&self.consensus),
-        )
-    }
-
-    async fn controller(&self, epoch: u64) -> StorageCollectionsImpl {
-        self.controller_with(self.client(), epoch, false)
-            .await
-            .unwrap()
-    }
-
-    async fn controller_with(
-        &self,
-        client: PersistClient,
-        epoch: u64,
-        read_only: bool,
-    ) -> Result<StorageCollectionsImpl, StorageError> {
-        StorageCollectionsImpl::open(
-            client,
-            PersistLocation::new_in_mem(),
-            self.metadata_shard,
-            epoch,
-            read_only,
-            ControllerConfig {
-                tick: Duration::from_millis(10),
-            },
-        )
-        .await
-    }
-}
-
-async fn write_shard(client: &PersistClient, shard: ShardId, lower: u64, upper: u64) {
-    let mut writer = client
-        .open_writer::<Vec<u8>, (), u64, i64>(
-            shard,
-            Arc::new(SimpleSchema::new()),
-            Arc::new(SimpleSchema::new()),
-            Diagnostics::for_tests(),
-        )
-        .await
-        .unwrap();
-    let updates: Vec<Update> = (lower..upper)
-        .map(|t| ((t.to_be_bytes().to_vec(), ()), t, 1))
-        .collect();
-    writer
-        .compare_and_append(&updates, f(lower), f(upper))
-        .await
-        .unwrap()
-        .unwrap();
-    writer.expire().await;
-}
-
-async fn write(sc: &StorageCollectionsImpl, id: GlobalId, lower: u64, upper: u64) {
-    let shard = sc.collection_metadata(id).unwrap().data_shard;
-    write_shard(sc.client(), shard, lower, upper).await;
-}
-
-fn since(sc: &StorageCollectionsImpl, id: GlobalId) -> Antichain<u64> {
-    sc.collection_frontiers(id).unwrap().read_capabilities
-}
+use common::*;
 
 async fn shard_since(client: &PersistClient, shard: ShardId) -> Antichain<u64> {
     client
@@ -484,62 +397,6 @@ async fn a_shard_still_used_by_a_live_collection_is_not_finalized() {
         .await
         .unwrap();
     assert_eq!(sc.snapshot(T2, f(4)).await.unwrap().len(), 5);
-}
-
-/// Counts the writes that reach consensus.
-#[derive(Debug)]
-struct CountingConsensus {
-    inner: Arc<dyn Consensus>,
-    writes: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl Consensus for CountingConsensus {
-    async fn head(&self, key: &str) -> Result<Option<VersionedData>, ExternalError> {
-        self.inner.head(key).await
-    }
-
-    async fn compare_and_set(
-        &self,
-        key: &str,
-        expected: Option<SeqNo>,
-        new: VersionedData,
-    ) -> Result<CaSResult, ExternalError> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.compare_and_set(key, expected, new).await
-    }
-
-    async fn scan(
-        &self,
-        key: &str,
-        from: SeqNo,
-        limit: usize,
-    ) -> Result<Vec<VersionedData>, ExternalError> {
-        self.inner.scan(key, from, limit).await
-    }
-
-    async fn truncate(&self, key: &str, seqno: SeqNo) -> Result<usize, ExternalError> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.truncate(key, seqno).await
-    }
-
-    async fn list_keys(&self) -> Result<Vec<String>, ExternalError> {
-        self.inner.list_keys().await
-    }
-}
-
-fn counting_client(location: &Location) -> (PersistClient, Arc<AtomicUsize>) {
-    let writes = Arc::new(AtomicUsize::new(0));
-    let consensus: Arc<dyn Consensus> = Arc::new(CountingConsensus {
-        inner: Arc::clone(&location.consensus),
-        writes: Arc::clone(&writes),
-    });
-    let client = PersistClient::new(
-        PersistConfig::new_for_tests(),
-        Arc::clone(&location.blob),
-        consensus,
-    );
-    (client, writes)
 }
 
 /// A read-only controller started before any writable one created the
