@@ -17,7 +17,7 @@ use crate::cfg::{DynamicConfig, PersistConfig};
 use crate::critical::SinceHandle;
 use crate::error::{ClientError, CodecMismatch, Codecs, InvalidUsage, ShardError, Since};
 use crate::fetch::{BatchFetcher, PartReader};
-use crate::fetch::{FetchFilter, FetchedUpdate, LeasedBatchPart};
+use crate::fetch::{FetchFilter, FetchedUpdate};
 use crate::ids::{CriticalReaderId, LeasedReaderId, WriterId};
 use crate::internal::cache::StateCache;
 use crate::internal::encoding::{StateDecodeError, decode_codecs, decode_state};
@@ -25,10 +25,9 @@ use crate::internal::heartbeat::{self, Holder};
 use crate::internal::inspect::state_json;
 use crate::internal::machine::{Backoff, Machine, Transition};
 use crate::internal::part::codecs_of;
-use crate::internal::state::SnapshotError;
 use crate::metrics::{MeteredBlob, MeteredConsensus, Metrics};
-use crate::read::fetch_consolidated;
 use crate::read::{ReadHandle, open_reader};
+use crate::read::{fetch_consolidated, parts_of};
 use crate::write::{WriteHandle, duration_ms};
 
 /// The critical reader id by convention used by the controller that owns a
@@ -418,31 +417,10 @@ impl PersistClient {
         D: Semigroup + Codec64 + Send + Sync,
     {
         let machine = self.machine::<K, V, T, D>(shard_id).await?;
-        let mut state = machine.fetch_latest().await?;
-        let batches = loop {
-            match state.snapshot(&as_of) {
-                Ok(batches) => break batches,
-                Err(SnapshotError::SinceBeyondAsOf(since)) => return Err(Since(since).into()),
-                Err(SnapshotError::NotYetAvailable) => {
-                    state = machine.wait_for_newer(state.seqno).await?;
-                }
-            }
-        };
-        let filter = FetchFilter::Snapshot { as_of };
-        let parts: Vec<LeasedBatchPart<T>> = batches
-            .iter()
-            .flat_map(|batch| {
-                batch.parts.iter().map(|part| LeasedBatchPart {
-                    shard_id,
-                    reader_id: None,
-                    leased_seqno: None,
-                    desc: batch.desc.clone(),
-                    part: part.clone(),
-                    filter: filter.clone(),
-                })
-            })
-            .filter(|part| part.may_have_updates())
-            .collect();
+        // Start from the latest state: this process may hold none yet.
+        machine.fetch_latest().await?;
+        let (_, batches) = machine.snapshot(&as_of).await?.map_err(Since)?;
+        let parts = parts_of(shard_id, &batches, &FetchFilter::Snapshot { as_of }, None);
         fetch_consolidated(&self.part_reader(&machine), &parts, key_schema, val_schema).await
     }
 

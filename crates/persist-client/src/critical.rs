@@ -12,7 +12,7 @@ use timely::progress::{Antichain, Timestamp};
 use crate::error::{ClientError, ShardError};
 use crate::ids::CriticalReaderId;
 use crate::internal::machine::{Machine, Transition};
-use crate::internal::state::{CriticalSinceBreak, SnapshotError};
+use crate::internal::state::CriticalSinceBreak;
 
 /// Statistics of a snapshot, computed from state alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,23 +142,15 @@ where
         &self,
         as_of: Antichain<T>,
     ) -> Result<SnapshotStats, ClientError<T>> {
-        let mut state = self.machine.cached();
-        loop {
-            match state.snapshot(&as_of) {
-                Ok(batches) => {
-                    return Ok(SnapshotStats {
-                        shard_id: self.machine.shard_id(),
-                        num_updates: batches.iter().map(|b| b.len).sum(),
-                    });
-                }
-                Err(SnapshotError::SinceBeyondAsOf(since)) => {
-                    return Err(crate::error::Since(since).into());
-                }
-                Err(SnapshotError::NotYetAvailable) => {
-                    state = self.machine.wait_for_newer(state.seqno).await?;
-                }
-            }
-        }
+        let (_, batches) = self
+            .machine
+            .snapshot(&as_of)
+            .await?
+            .map_err(crate::error::Since)?;
+        Ok(SnapshotStats {
+            shard_id: self.machine.shard_id(),
+            num_updates: batches.iter().map(|b| b.len).sum(),
+        })
     }
 
     /// Re-reads this handle's since and token from the latest state.

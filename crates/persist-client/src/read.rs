@@ -23,7 +23,7 @@ use crate::fetch::{
 use crate::ids::LeasedReaderId;
 use crate::internal::heartbeat::{self, ExpireOnDrop, HeartbeatTask, Holder};
 use crate::internal::machine::{Machine, Transition};
-use crate::internal::state::{HollowBatch, SnapshotError, State};
+use crate::internal::state::{HollowBatch, State};
 use crate::write::duration_ms;
 
 /// What happened in a shard, as a subscription sees it.
@@ -223,16 +223,7 @@ where
         if !PartialOrder::less_equal(&self.since, as_of) {
             return Err(Since(self.since.clone()).into());
         }
-        let mut state = self.machine.cached();
-        loop {
-            match state.snapshot(as_of) {
-                Ok(batches) => return Ok((state, batches)),
-                Err(SnapshotError::SinceBeyondAsOf(since)) => return Err(Since(since).into()),
-                Err(SnapshotError::NotYetAvailable) => {
-                    state = self.machine.wait_for_newer(state.seqno).await?;
-                }
-            }
-        }
+        Ok(self.machine.snapshot(as_of).await?.map_err(Since)?)
     }
 
     /// Leases the parts of `batches` that `filter` may keep anything of.
@@ -242,22 +233,10 @@ where
         batches: &[HollowBatch<T>],
         filter: &FetchFilter<T>,
     ) -> Vec<LeasedBatchPart<T>> {
-        let mut parts = Vec::new();
-        for batch in batches {
-            for part in &batch.parts {
-                let leased = LeasedBatchPart {
-                    shard_id: self.machine.shard_id(),
-                    reader_id: Some(self.reader_id),
-                    leased_seqno: Some(state.seqno),
-                    desc: batch.desc.clone(),
-                    part: part.clone(),
-                    filter: filter.clone(),
-                };
-                if leased.may_have_updates() {
-                    self.leases.lease(state.seqno);
-                    parts.push(leased);
-                }
-            }
+        let lease = Some((self.reader_id, state.seqno));
+        let parts = parts_of(self.machine.shard_id(), batches, filter, lease);
+        for _ in &parts {
+            self.leases.lease(state.seqno);
         }
         parts
     }
@@ -852,6 +831,30 @@ impl Drop for Unlease {
             self.leases.release(self.seqno);
         }
     }
+}
+
+/// The parts of `batches` that `filter` may keep anything of, leased to
+/// `lease` (a reader and the SeqNo of the state they come from) if given.
+pub(crate) fn parts_of<T: Timestamp + Lattice + Codec64>(
+    shard_id: ShardId,
+    batches: &[HollowBatch<T>],
+    filter: &FetchFilter<T>,
+    lease: Option<(LeasedReaderId, SeqNo)>,
+) -> Vec<LeasedBatchPart<T>> {
+    batches
+        .iter()
+        .flat_map(|batch| {
+            batch.parts.iter().map(move |part| LeasedBatchPart {
+                shard_id,
+                reader_id: lease.map(|(reader, _)| reader),
+                leased_seqno: lease.map(|(_, seqno)| seqno),
+                desc: batch.desc.clone(),
+                part: part.clone(),
+                filter: filter.clone(),
+            })
+        })
+        .filter(LeasedBatchPart::may_have_updates)
+        .collect()
 }
 
 /// Fetches `parts` (a few at a time, so blob latency overlaps), keeps them

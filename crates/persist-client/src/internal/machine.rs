@@ -7,14 +7,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use differential_dataflow::lattice::Lattice;
 use persist::{CaSResult, Consensus, ExternalError, SeqNo, VersionedData};
 use persist_types::{Codec64, ShardId};
-use timely::progress::Timestamp;
+use timely::progress::{Antichain, Timestamp};
 use tokio::sync::watch;
 
 use crate::cfg::{DynamicConfig, PersistConfig};
 use crate::error::{CodecMismatch, Codecs};
 use crate::internal::cache::{Cached, StateCache};
 use crate::internal::encoding::{StateDecodeError, decode_state, encode_state};
-use crate::internal::state::State;
+use crate::internal::state::{HollowBatch, SnapshotError, State};
 use crate::metrics::Metrics;
 
 /// What a transition decided.
@@ -309,6 +309,25 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
                 _ = tokio::time::sleep(poll) => {
                     poll = (poll * 2).min(self.cfg.get().listen_poll_max);
                     self.fetch_latest().await?;
+                }
+            }
+        }
+    }
+
+    /// The batches a read at `as_of` needs, with the state they come from.
+    /// Waits (cancel-safely) until the shard's upper is beyond `as_of`;
+    /// fails with the since if `as_of` is not at or beyond it.
+    pub async fn snapshot(
+        &self,
+        as_of: &Antichain<T>,
+    ) -> Result<Result<(Arc<State<T>>, Vec<HollowBatch<T>>), Antichain<T>>, MachineError> {
+        let mut state = self.cached();
+        loop {
+            match state.snapshot(as_of) {
+                Ok(batches) => return Ok(Ok((state, batches))),
+                Err(SnapshotError::SinceBeyondAsOf(since)) => return Ok(Err(since)),
+                Err(SnapshotError::NotYetAvailable) => {
+                    state = self.wait_for_newer(state.seqno).await?;
                 }
             }
         }
