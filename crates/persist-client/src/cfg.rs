@@ -37,6 +37,16 @@ pub struct PersistConfig {
     /// `maybe_downgrade_since` (downgrades to the empty frontier are never
     /// delayed).
     pub since_downgrade_interval: Duration,
+    /// How many SeqNos a shard's state may advance past its newest rollup
+    /// before the next one is written. Smaller means fewer consensus
+    /// entries to read when opening a shard; larger means fewer rollups.
+    pub rollup_interval: u64,
+    /// Whether writers compact the shard in the background after their
+    /// appends (see `WriteHandle::compact`).
+    pub compaction_enabled: bool,
+    /// The most input runs one compaction merges at once: its memory is
+    /// about this many parts (each up to `blob_target_size`).
+    pub compaction_max_runs: usize,
 }
 
 impl Default for PersistConfig {
@@ -51,6 +61,9 @@ impl Default for PersistConfig {
             listen_poll_max: Duration::from_millis(250),
             stats_audit_percent: 1,
             since_downgrade_interval: Duration::from_secs(1),
+            rollup_interval: 64,
+            compaction_enabled: true,
+            compaction_max_runs: 8,
         }
     }
 }
@@ -91,6 +104,9 @@ impl PersistConfig {
             listen_poll_max: Duration::from_millis(50),
             stats_audit_percent: 100,
             since_downgrade_interval: Duration::ZERO,
+            rollup_interval: 8,
+            compaction_enabled: true,
+            compaction_max_runs: 4,
         }
     }
 }

@@ -20,10 +20,10 @@ use crate::fetch::{BatchFetcher, PartReader};
 use crate::fetch::{FetchFilter, FetchedUpdate};
 use crate::ids::{CriticalReaderId, LeasedReaderId, WriterId};
 use crate::internal::cache::StateCache;
-use crate::internal::encoding::{StateDecodeError, decode_codecs, decode_state};
+use crate::internal::encoding::{StateDecodeError, decode_codecs};
 use crate::internal::heartbeat::{self, Holder};
 use crate::internal::inspect::state_json;
-use crate::internal::machine::{Backoff, Machine, Transition};
+use crate::internal::machine::{Backoff, Machine, MachineError, Transition, read_state};
 use crate::internal::part::codecs_of;
 use crate::metrics::{MeteredBlob, MeteredConsensus, Metrics};
 use crate::read::{ReadHandle, open_reader};
@@ -152,6 +152,7 @@ impl PersistClient {
         Ok(Machine::open(
             self.cfg.clone(),
             Arc::clone(&self.consensus),
+            Arc::clone(&self.blob),
             &self.cache,
             shard_id,
             codecs,
@@ -474,7 +475,16 @@ impl PersistClient {
         if let Err((since, upper)) = result {
             return Err(InvalidUsage::FinalizationError { since, upper }.into());
         }
-        // No state references the shard's blobs any more.
+        // Let this process's background work on the shard (a rollup being
+        // written, a compaction) finish, so it cannot add a blob after the
+        // deletes below. Such work checks for a tombstone before writing.
+        while machine.busy_arc().any() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // The tombstone is written whole and the log truncated to it, so
+        // reading the shard needs no rollup: no state references the
+        // shard's blobs any more.
+        machine.checkpoint().await?;
         let prefix = format!("{shard_id}/");
         let mut backoff = Backoff::new(&self.cfg.get());
         let keys = loop {
@@ -533,24 +543,22 @@ impl PersistClient {
     where
         T: Timestamp + Lattice + Codec64 + Sync,
     {
-        let Some(head) = self.head(shard_id).await else {
-            return Ok(None);
-        };
-        let state = decode_state::<T>(shard_id, &head.data).map_err(|e| match e {
-            StateDecodeError::TimeCodecMismatch { actual } => ClientError::from(CodecMismatch {
-                requested: Codecs {
-                    ts: T::codec_name(),
-                    ..actual.clone()
-                },
-                actual,
-            }),
-            other => ShardError::State {
-                shard: shard_id,
-                reason: other.to_string(),
-            }
-            .into(),
-        })?;
-        Ok(Some(state_json(&state)))
+        let state = read_state::<T>(&*self.consensus, &*self.blob, &self.cfg, shard_id)
+            .await
+            .map_err(|e| match e {
+                MachineError::Decode {
+                    source: StateDecodeError::TimeCodecMismatch { actual },
+                    ..
+                } => ClientError::from(CodecMismatch {
+                    requested: Codecs {
+                        ts: T::codec_name(),
+                        ..actual.clone()
+                    },
+                    actual,
+                }),
+                other => other.into(),
+            })?;
+        Ok(state.map(|state| state_json(&state)))
     }
 }
 

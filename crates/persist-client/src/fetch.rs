@@ -123,17 +123,20 @@ impl<T: Timestamp + Lattice + Codec64> LeasedBatchPart<T> {
         };
         let [a] = as_of.elements() else { return None };
         let (lower, upper) = (T::decode(self.part.ts_lower), T::decode(self.part.ts_upper));
-        let inside = self.desc.lower().less_equal(&lower) && !self.desc.upper().less_equal(&upper);
+        let inside = self.desc.lower().less_equal(&lower);
         (inside && upper.less_equal(a)).then(|| a.clone())
     }
 
     /// Whether fetching the part may yield any update (its time bounds say
     /// whether any time passes the reader's filter).
     pub(crate) fn may_have_updates(&self) -> bool {
-        self.filter.may_keep_part(
-            &T::decode(self.part.ts_lower),
-            &T::decode(self.part.ts_upper),
-        )
+        let upper = T::decode(self.part.ts_upper);
+        // Every time is at or before `upper`: none is at or beyond the
+        // lower unless `upper` is.
+        self.desc.lower().less_equal(&upper)
+            && self
+                .filter
+                .may_keep_part(&T::decode(self.part.ts_lower), &upper)
     }
 
     /// The serializable form, to send the part to another worker or
@@ -416,9 +419,15 @@ impl PartReader {
 /// decoded part.
 pub(crate) type BorrowedUpdate<'a, T, D> = ((&'a [u8], &'a [u8]), T, D);
 
-/// Whether `t` lies in `[lower, upper)` of `desc`.
+/// Whether an update stored at `t` belongs to the batch `desc` describes.
+///
+/// Only the lower is checked. A batch's parts may hold updates before its
+/// lower (an `append` moves a batch's lower forward, and a listener reads
+/// the rest of a batch it is inside of), but never at or beyond its upper:
+/// writers check every update against the upper. Compaction advances times
+/// to the since, which may be beyond the upper; such times must be kept.
 fn in_description<T: Timestamp>(t: &T, desc: &Description<T>) -> bool {
-    desc.lower().less_equal(t) && !desc.upper().less_equal(t)
+    desc.lower().less_equal(t)
 }
 
 #[cfg(test)]

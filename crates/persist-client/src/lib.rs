@@ -42,6 +42,7 @@ pub use error::{
 };
 pub use fetch::{BatchFetcher, FetchedPart, FetchedUpdate, LeasedBatchPart, SerdeLeasedBatchPart};
 pub use ids::{CriticalReaderId, IdParseError, IdempotencyToken, LeasedReaderId, WriterId};
+pub use internal::compact::CompactionStats;
 pub use metrics::Metrics;
 pub use persist_types::{PersistLocation, ShardId};
 pub use read::{

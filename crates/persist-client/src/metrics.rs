@@ -42,6 +42,22 @@ pub struct Metrics {
     /// Registered handles per shard and kind (`writer`, `leased_reader`,
     /// `critical_reader`), as of the latest state seen.
     pub(crate) handles: IntGaugeVec,
+    /// The encoded size of each shard's latest consensus entry (a state
+    /// diff), in bytes.
+    pub(crate) state_entry_bytes: IntGaugeVec,
+    /// Rollups written.
+    pub(crate) rollups: IntCounter,
+    /// Garbage collections that truncated the log.
+    pub(crate) gc_runs: IntCounter,
+    /// Blobs (parts and rollups) deleted by garbage collection.
+    pub(crate) gc_deleted_blobs: IntCounter,
+    /// Compactions by outcome: `applied`, `superseded` (the inputs were
+    /// replaced meanwhile; the output was deleted), `failed`.
+    pub(crate) compactions: IntCounterVec,
+    /// Bytes compactions read (`read`) and wrote (`written`).
+    pub(crate) compaction_bytes: IntCounterVec,
+    /// Batches in each shard's latest state.
+    pub(crate) batches: IntGaugeVec,
 }
 
 /// A well-formed metric definition cannot fail to build or register in a
@@ -153,6 +169,58 @@ impl Metrics {
                 IntGaugeVec::new(
                     Opts::new("persist_handles", "registered handles of a shard by kind"),
                     &["shard", "kind"],
+                ),
+            ),
+            state_entry_bytes: build(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "persist_state_entry_bytes",
+                        "encoded size of a shard's latest consensus entry (a state diff)",
+                    ),
+                    &["shard"],
+                ),
+            ),
+            rollups: build(
+                r,
+                IntCounter::new("persist_rollups_total", "whole states written to blob"),
+            ),
+            gc_runs: build(
+                r,
+                IntCounter::new(
+                    "persist_gc_runs_total",
+                    "garbage collections that truncated a shard's log",
+                ),
+            ),
+            gc_deleted_blobs: build(
+                r,
+                IntCounter::new(
+                    "persist_gc_deleted_blobs_total",
+                    "parts and rollups deleted by garbage collection",
+                ),
+            ),
+            compactions: build(
+                r,
+                IntCounterVec::new(
+                    Opts::new("persist_compactions_total", "compactions by outcome"),
+                    &["outcome"],
+                ),
+            ),
+            compaction_bytes: build(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "persist_compaction_bytes_total",
+                        "bytes read and written by compaction",
+                    ),
+                    &["op"],
+                ),
+            ),
+            batches: build(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("persist_batches", "batches in a shard's latest state"),
+                    &["shard"],
                 ),
             ),
             registry,

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use differential_dataflow::difference::Semigroup;
 use differential_dataflow::lattice::Lattice;
+use differential_dataflow::trace::Description;
 use futures::{Stream, StreamExt, TryStreamExt};
 use persist::SeqNo;
 use persist::part::{DecodedPart, PartStats};
@@ -663,9 +664,23 @@ where
         loop {
             if let Some(start) = state.next_listen_batch(&self.walk) {
                 for batch in &state.batches[start..] {
+                    self.check_since(batch)?;
+                    // The listen may be inside the batch (it was merged
+                    // after the listen passed some of its boundaries): what
+                    // is before the walk was read already.
+                    let unread = HollowBatch {
+                        desc: Description::new(
+                            batch.desc.lower().join(&self.walk),
+                            batch.desc.upper().clone(),
+                            batch.desc.since().clone(),
+                        ),
+                        parts: batch.parts.clone(),
+                        len: batch.len,
+                        runs: batch.runs.clone(),
+                    };
                     let parts =
                         self.handle
-                            .lease_parts(&state, std::slice::from_ref(batch), &filter);
+                            .lease_parts(&state, std::slice::from_ref(&unread), &filter);
                     if parts.is_empty() && PartialOrder::less_equal(batch.desc.upper(), &self.as_of)
                     {
                         // Entirely at or before the as_of: nothing to report.
@@ -689,6 +704,32 @@ where
             }
             state = self.handle.machine.wait_for_newer(state.seqno).await?;
         }
+    }
+
+    /// Checks that `batch`'s times were not advanced so far that the listen
+    /// can no longer tell what it has yielded from what it has not. The
+    /// listen's own since hold keeps every batch it reads that way, so a
+    /// failure means the shard's state is wrong.
+    fn check_since(&self, batch: &HollowBatch<T>) -> Result<(), ShardError> {
+        let since = batch.desc.since();
+        // Times at the frontier must stay apart from those just before it;
+        // on the first batch the as_of is exclusive, so equality is fine.
+        let ok = PartialOrder::less_than(since, &self.frontier)
+            || (self.frontier == self.as_of && PartialOrder::less_equal(since, &self.frontier))
+            || PartialOrder::less_equal(batch.desc.upper(), &self.walk);
+        if ok {
+            return Ok(());
+        }
+        Err(ShardError::State {
+            shard: self.handle.machine.shard_id(),
+            reason: format!(
+                "listen at {:?} found batch [{:?}, {:?}) compacted to since {:?}",
+                self.frontier,
+                batch.desc.lower(),
+                batch.desc.upper(),
+                since
+            ),
+        })
     }
 
     /// Moves the since after the reported frontier, then the frontier to

@@ -15,9 +15,12 @@ use timely::progress::{Antichain, Timestamp};
 
 use crate::batch::{Batch, BatchBuilder, PartWriter, TransmittableBatch};
 use crate::error::{ClientError, InvalidUsage, UpperMismatch};
+use crate::fetch::PartReader;
 use crate::ids::{IdempotencyToken, WriterId};
+use crate::internal::compact::{self, CompactionStats};
 use crate::internal::heartbeat::{self, ExpireOnDrop, HeartbeatTask, Holder};
 use crate::internal::machine::{Machine, Transition};
+use crate::internal::maintenance;
 use crate::internal::state::{CompareAndAppendBreak, HollowBatch};
 
 /// Appends to one shard.
@@ -58,7 +61,7 @@ where
     K: Codec,
     V: Codec,
     T: Timestamp + Lattice + Codec64 + Sync,
-    D: Semigroup + Codec64 + Send + Sync,
+    D: Semigroup + Codec64 + Send + Sync + 'static,
 {
     /// The shard this handle writes.
     pub fn shard_id(&self) -> ShardId {
@@ -211,6 +214,42 @@ where
         BatchBuilder::new(self.part_writer(), lower)
     }
 
+    /// Compacts the shard now: merges batches as the compaction policy
+    /// asks (the same work writers do in the background after appends)
+    /// until it asks for nothing more. Concurrent compactions by other
+    /// handles or processes are safe: each merge replaces its inputs only
+    /// if they are all still in state. Retries external failures; fails
+    /// with a shard error if a part is missing or corrupt.
+    pub async fn compact(&mut self) -> Result<CompactionStats, ClientError<T>> {
+        let stats = compact::compact_until_done::<T, D>(
+            &self.machine,
+            &self.part_reader(),
+            &self.part_writer(),
+            usize::MAX,
+        )
+        .await?;
+        Ok(stats)
+    }
+
+    /// Collects garbage now: truncates the shard's state log below the
+    /// oldest state a reader may still read and deletes the blobs only
+    /// older states referenced. Writers do this in the background as the
+    /// state advances; this is for tools and tests. Retries external
+    /// failures.
+    pub async fn collect_garbage(&mut self) -> Result<(), ClientError<T>> {
+        maintenance::gc(&self.machine).await?;
+        Ok(())
+    }
+
+    fn part_reader(&self) -> PartReader {
+        PartReader {
+            shard_id: self.machine.shard_id(),
+            blob: Arc::clone(&self.blob),
+            cfg: self.machine.dyn_cfg().clone(),
+            codecs: self.machine.cached().codecs.clone(),
+        }
+    }
+
     fn part_writer(&self) -> PartWriter<T> {
         let cached = self.machine.cached();
         PartWriter {
@@ -353,6 +392,7 @@ where
                 .flat_map(|b| b.parts.iter().cloned())
                 .collect(),
             len: batches.iter().map(|b| b.len).sum(),
+            runs: Vec::new(),
         };
         let token = IdempotencyToken::new();
         let writer = self.writer_id;
@@ -405,6 +445,13 @@ where
                         self.machine.clone(),
                         Holder::Writer(self.writer_id),
                     ));
+                }
+                if applied {
+                    compact::spawn_if_needed::<T, D>(
+                        &self.machine,
+                        &self.part_reader(),
+                        &self.part_writer(),
+                    );
                 }
                 Ok(Ok(()))
             }

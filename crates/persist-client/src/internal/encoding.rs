@@ -10,12 +10,14 @@
 //! The messages are declared with `prost`'s derive, so no code generation
 //! step (and no `protoc`) is needed to build.
 //!
+//! An entry is either a whole state ([`ProtoState`]: the first entry of a
+//! shard, a tombstone, and every rollup in blob) or the difference from the
+//! previous SeqNo's state ([`ProtoDiff`]); field 30 tells them apart.
+//!
 //! Rule for changes: adding any field bumps [`ENCODING_VERSION`]. Older code
 //! drops fields it does not know when it rewrites state, so a field it could
 //! read past would be silently erased; the version bump makes it refuse
 //! instead.
-
-use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use differential_dataflow::lattice::Lattice;
@@ -27,12 +29,13 @@ use timely::progress::{Antichain, Timestamp};
 
 use crate::error::Codecs;
 use crate::ids::{CriticalReaderId, IdParseError, IdempotencyToken, LeasedReaderId, WriterId};
+use crate::internal::diff::{MapDiff, Splice, StateDiff};
 use crate::internal::state::{
     CriticalReaderState, HollowBatch, HollowPart, LeasedReaderState, State, WriterState,
 };
 
 /// The encoding this code writes. Readers accept this and older ones.
-pub(crate) const ENCODING_VERSION: u32 = 2;
+pub(crate) const ENCODING_VERSION: u32 = 3;
 
 /// The version of the code writing state.
 const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -85,6 +88,12 @@ struct ProtoVersions {
     encoding_version: u32,
     #[prost(string, tag = "2")]
     build_version: String,
+    #[prost(string, tag = "3")]
+    shard_id: String,
+    #[prost(message, optional, tag = "6")]
+    codecs: Option<ProtoCodecs>,
+    #[prost(bool, tag = "30")]
+    is_diff: bool,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -113,6 +122,63 @@ struct ProtoState {
     leased_readers: Vec<ProtoLeasedReader>,
     #[prost(message, repeated, tag = "12")]
     critical_readers: Vec<ProtoCriticalReader>,
+    #[prost(message, repeated, tag = "13")]
+    rollups: Vec<ProtoRollup>,
+    #[prost(bool, tag = "30")]
+    is_diff: bool,
+}
+
+/// The change from the state at `seqno - 1` to the state at `seqno`.
+#[derive(Clone, PartialEq, Message)]
+struct ProtoDiff {
+    #[prost(uint32, tag = "1")]
+    encoding_version: u32,
+    #[prost(string, tag = "2")]
+    build_version: String,
+    #[prost(string, tag = "3")]
+    shard_id: String,
+    #[prost(uint64, tag = "4")]
+    seqno: u64,
+    #[prost(uint64, tag = "5")]
+    walltime_ms: u64,
+    #[prost(message, optional, tag = "6")]
+    codecs: Option<ProtoCodecs>,
+    #[prost(message, optional, tag = "7")]
+    since: Option<ProtoAntichain>,
+    #[prost(message, optional, tag = "8")]
+    upper: Option<ProtoAntichain>,
+    #[prost(uint64, tag = "9")]
+    batches_prefix: u64,
+    #[prost(uint64, tag = "10")]
+    batches_suffix: u64,
+    #[prost(message, repeated, tag = "11")]
+    batches_middle: Vec<ProtoBatch>,
+    #[prost(message, repeated, tag = "12")]
+    writers_upsert: Vec<ProtoWriter>,
+    #[prost(string, repeated, tag = "13")]
+    writers_delete: Vec<String>,
+    #[prost(message, repeated, tag = "14")]
+    leased_readers_upsert: Vec<ProtoLeasedReader>,
+    #[prost(string, repeated, tag = "15")]
+    leased_readers_delete: Vec<String>,
+    #[prost(message, repeated, tag = "16")]
+    critical_readers_upsert: Vec<ProtoCriticalReader>,
+    #[prost(string, repeated, tag = "17")]
+    critical_readers_delete: Vec<String>,
+    #[prost(message, repeated, tag = "18")]
+    rollups_upsert: Vec<ProtoRollup>,
+    #[prost(uint64, repeated, tag = "19")]
+    rollups_delete: Vec<u64>,
+    #[prost(bool, tag = "30")]
+    is_diff: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ProtoRollup {
+    #[prost(uint64, tag = "1")]
+    seqno: u64,
+    #[prost(string, tag = "2")]
+    key: String,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -145,6 +211,8 @@ struct ProtoBatch {
     parts: Vec<ProtoPart>,
     #[prost(uint64, tag = "5")]
     len: u64,
+    #[prost(uint64, repeated, tag = "6")]
+    runs: Vec<u64>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -273,7 +341,172 @@ where
         .map_err(|e: IdParseError| StateDecodeError::Corrupt(e.to_string()))
 }
 
-/// Encodes `state` for a consensus entry.
+fn codecs_to_proto(codecs: &Codecs) -> Option<ProtoCodecs> {
+    Some(ProtoCodecs {
+        key: codecs.key.clone(),
+        val: codecs.val.clone(),
+        ts: codecs.ts.clone(),
+        diff: codecs.diff.clone(),
+    })
+}
+
+fn codecs_from_proto(proto: Option<ProtoCodecs>) -> Result<Codecs, StateDecodeError> {
+    let codecs = proto.ok_or_else(|| StateDecodeError::Corrupt("missing codecs".to_owned()))?;
+    Ok(Codecs {
+        key: codecs.key,
+        val: codecs.val,
+        ts: codecs.ts,
+        diff: codecs.diff,
+    })
+}
+
+fn batch_to_proto<T: Codec64>(b: &HollowBatch<T>) -> ProtoBatch {
+    ProtoBatch {
+        lower: encode_antichain(b.desc.lower()),
+        upper: encode_antichain(b.desc.upper()),
+        since: encode_antichain(b.desc.since()),
+        parts: b
+            .parts
+            .iter()
+            .map(|p| ProtoPart {
+                key: p.key.clone(),
+                len: p.len,
+                encoded_size_bytes: p.encoded_size_bytes,
+                key_lower: p.key_lower.clone(),
+                key_upper: p.key_upper.clone(),
+                ts_lower: u64::from_le_bytes(p.ts_lower),
+                ts_upper: u64::from_le_bytes(p.ts_upper),
+            })
+            .collect(),
+        len: b.len,
+        runs: b.runs.iter().map(|&n| n as u64).collect(),
+    }
+}
+
+fn batch_from_proto<T: Timestamp + Codec64>(
+    b: ProtoBatch,
+) -> Result<HollowBatch<T>, StateDecodeError> {
+    let lower = decode_antichain(b.lower, "batch lower")?;
+    if lower.is_empty() {
+        // Nothing can follow the end of time (and `Description` insists).
+        return Err(StateDecodeError::Corrupt(
+            "a batch starts at the empty frontier".to_owned(),
+        ));
+    }
+    let desc = Description::new(
+        lower,
+        decode_antichain(b.upper, "batch upper")?,
+        decode_antichain(b.since, "batch since")?,
+    );
+    let parts = b
+        .parts
+        .into_iter()
+        .map(|p| HollowPart {
+            key: p.key,
+            len: p.len,
+            encoded_size_bytes: p.encoded_size_bytes,
+            key_lower: p.key_lower,
+            key_upper: p.key_upper,
+            ts_lower: p.ts_lower.to_le_bytes(),
+            ts_upper: p.ts_upper.to_le_bytes(),
+        })
+        .collect();
+    let runs = b
+        .runs
+        .into_iter()
+        .map(usize::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| StateDecodeError::Corrupt("run length out of range".to_owned()))?;
+    Ok(HollowBatch {
+        desc,
+        parts,
+        len: b.len,
+        runs,
+    })
+}
+
+fn writer_to_proto<T: Codec64>(id: &WriterId, w: &WriterState<T>) -> ProtoWriter {
+    ProtoWriter {
+        id: id.to_string(),
+        last_heartbeat_ms: w.last_heartbeat_ms,
+        lease_duration_ms: w.lease_duration_ms,
+        most_recent_write_token: w.most_recent_write_token.to_string(),
+        most_recent_write_upper: encode_antichain(&w.most_recent_write_upper),
+        purpose: w.purpose.clone(),
+    }
+}
+
+fn writer_from_proto<T: Timestamp + Codec64>(
+    w: ProtoWriter,
+) -> Result<(WriterId, WriterState<T>), StateDecodeError> {
+    let state = WriterState {
+        last_heartbeat_ms: w.last_heartbeat_ms,
+        lease_duration_ms: w.lease_duration_ms,
+        most_recent_write_token: decode_id::<IdempotencyToken>(&w.most_recent_write_token)?,
+        most_recent_write_upper: decode_antichain(w.most_recent_write_upper, "writer upper")?,
+        purpose: w.purpose,
+    };
+    Ok((decode_id::<WriterId>(&w.id)?, state))
+}
+
+fn leased_to_proto<T: Codec64>(id: &LeasedReaderId, r: &LeasedReaderState<T>) -> ProtoLeasedReader {
+    ProtoLeasedReader {
+        id: id.to_string(),
+        since: encode_antichain(&r.since),
+        seqno: r.seqno.0,
+        last_heartbeat_ms: r.last_heartbeat_ms,
+        lease_duration_ms: r.lease_duration_ms,
+        purpose: r.purpose.clone(),
+    }
+}
+
+fn leased_from_proto<T: Timestamp + Codec64>(
+    r: ProtoLeasedReader,
+) -> Result<(LeasedReaderId, LeasedReaderState<T>), StateDecodeError> {
+    let state = LeasedReaderState {
+        since: decode_antichain(r.since, "reader since")?,
+        seqno: SeqNo(r.seqno),
+        last_heartbeat_ms: r.last_heartbeat_ms,
+        lease_duration_ms: r.lease_duration_ms,
+        purpose: r.purpose,
+    };
+    Ok((decode_id::<LeasedReaderId>(&r.id)?, state))
+}
+
+fn critical_to_proto<T: Codec64>(
+    id: &CriticalReaderId,
+    r: &CriticalReaderState<T>,
+) -> ProtoCriticalReader {
+    ProtoCriticalReader {
+        id: id.to_string(),
+        since: encode_antichain(&r.since),
+        opaque: u64::from_le_bytes(r.opaque),
+        opaque_codec: r.opaque_codec.clone(),
+        purpose: r.purpose.clone(),
+    }
+}
+
+fn critical_from_proto<T: Timestamp + Codec64>(
+    r: ProtoCriticalReader,
+) -> Result<(CriticalReaderId, CriticalReaderState<T>), StateDecodeError> {
+    let state = CriticalReaderState {
+        since: decode_antichain(r.since, "critical reader since")?,
+        opaque: r.opaque.to_le_bytes(),
+        opaque_codec: r.opaque_codec,
+        purpose: r.purpose,
+    };
+    Ok((decode_id::<CriticalReaderId>(&r.id)?, state))
+}
+
+fn rollup_to_proto((seqno, key): (&SeqNo, &String)) -> ProtoRollup {
+    ProtoRollup {
+        seqno: seqno.0,
+        key: key.clone(),
+    }
+}
+
+/// Encodes `state` whole (the first entry of a shard, a tombstone, or a
+/// rollup).
 pub(crate) fn encode_state<T: Timestamp + Codec64>(state: &State<T>) -> Bytes {
     let proto = ProtoState {
         encoding_version: ENCODING_VERSION,
@@ -281,72 +514,94 @@ pub(crate) fn encode_state<T: Timestamp + Codec64>(state: &State<T>) -> Bytes {
         shard_id: state.shard_id.to_string(),
         seqno: state.seqno.0,
         walltime_ms: state.walltime_ms,
-        codecs: Some(ProtoCodecs {
-            key: state.codecs.key.clone(),
-            val: state.codecs.val.clone(),
-            ts: state.codecs.ts.clone(),
-            diff: state.codecs.diff.clone(),
-        }),
+        codecs: codecs_to_proto(&state.codecs),
         since: encode_antichain(&state.since),
         upper: encode_antichain(&state.upper),
-        batches: state
-            .batches
-            .iter()
-            .map(|b| ProtoBatch {
-                lower: encode_antichain(b.desc.lower()),
-                upper: encode_antichain(b.desc.upper()),
-                since: encode_antichain(b.desc.since()),
-                parts: b
-                    .parts
-                    .iter()
-                    .map(|p| ProtoPart {
-                        key: p.key.clone(),
-                        len: p.len,
-                        encoded_size_bytes: p.encoded_size_bytes,
-                        key_lower: p.key_lower.clone(),
-                        key_upper: p.key_upper.clone(),
-                        ts_lower: u64::from_le_bytes(p.ts_lower),
-                        ts_upper: u64::from_le_bytes(p.ts_upper),
-                    })
-                    .collect(),
-                len: b.len,
-            })
-            .collect(),
+        batches: state.batches.iter().map(batch_to_proto).collect(),
         writers: state
             .writers
             .iter()
-            .map(|(id, w)| ProtoWriter {
-                id: id.to_string(),
-                last_heartbeat_ms: w.last_heartbeat_ms,
-                lease_duration_ms: w.lease_duration_ms,
-                most_recent_write_token: w.most_recent_write_token.to_string(),
-                most_recent_write_upper: encode_antichain(&w.most_recent_write_upper),
-                purpose: w.purpose.clone(),
-            })
+            .map(|(id, w)| writer_to_proto(id, w))
             .collect(),
         leased_readers: state
             .leased_readers
             .iter()
-            .map(|(id, r)| ProtoLeasedReader {
-                id: id.to_string(),
-                since: encode_antichain(&r.since),
-                seqno: r.seqno.0,
-                last_heartbeat_ms: r.last_heartbeat_ms,
-                lease_duration_ms: r.lease_duration_ms,
-                purpose: r.purpose.clone(),
-            })
+            .map(|(id, r)| leased_to_proto(id, r))
             .collect(),
         critical_readers: state
             .critical_readers
             .iter()
-            .map(|(id, r)| ProtoCriticalReader {
-                id: id.to_string(),
-                since: encode_antichain(&r.since),
-                opaque: u64::from_le_bytes(r.opaque),
-                opaque_codec: r.opaque_codec.clone(),
-                purpose: r.purpose.clone(),
-            })
+            .map(|(id, r)| critical_to_proto(id, r))
             .collect(),
+        rollups: state.rollups.iter().map(rollup_to_proto).collect(),
+        is_diff: false,
+    };
+    Bytes::from(proto.encode_to_vec())
+}
+
+/// Encodes the diff to `diff.seqno` of a shard with `codecs` for a
+/// consensus entry.
+pub(crate) fn encode_diff<T: Timestamp + Codec64>(
+    shard_id: ShardId,
+    codecs: &Codecs,
+    diff: &StateDiff<T>,
+) -> Bytes {
+    let proto = ProtoDiff {
+        encoding_version: ENCODING_VERSION,
+        build_version: BUILD_VERSION.to_owned(),
+        shard_id: shard_id.to_string(),
+        seqno: diff.seqno.0,
+        walltime_ms: diff.walltime_ms,
+        codecs: codecs_to_proto(codecs),
+        since: diff.since.as_ref().and_then(encode_antichain),
+        upper: diff.upper.as_ref().and_then(encode_antichain),
+        batches_prefix: diff.batches.prefix as u64,
+        batches_suffix: diff.batches.suffix as u64,
+        batches_middle: diff.batches.middle.iter().map(batch_to_proto).collect(),
+        writers_upsert: diff
+            .writers
+            .upserts
+            .iter()
+            .map(|(id, w)| writer_to_proto(id, w))
+            .collect(),
+        writers_delete: diff
+            .writers
+            .deletes
+            .iter()
+            .map(|id| id.to_string())
+            .collect(),
+        leased_readers_upsert: diff
+            .leased_readers
+            .upserts
+            .iter()
+            .map(|(id, r)| leased_to_proto(id, r))
+            .collect(),
+        leased_readers_delete: diff
+            .leased_readers
+            .deletes
+            .iter()
+            .map(|id| id.to_string())
+            .collect(),
+        critical_readers_upsert: diff
+            .critical_readers
+            .upserts
+            .iter()
+            .map(|(id, r)| critical_to_proto(id, r))
+            .collect(),
+        critical_readers_delete: diff
+            .critical_readers
+            .deletes
+            .iter()
+            .map(|id| id.to_string())
+            .collect(),
+        rollups_upsert: diff
+            .rollups
+            .upserts
+            .iter()
+            .map(|(seqno, key)| rollup_to_proto((seqno, key)))
+            .collect(),
+        rollups_delete: diff.rollups.deletes.iter().map(|s| s.0).collect(),
+        is_diff: true,
     };
     Bytes::from(proto.encode_to_vec())
 }
@@ -359,10 +614,9 @@ fn major_minor(version: &str) -> Option<(u64, u64)> {
     Some((major, minor))
 }
 
-/// Decodes the consensus entry `bytes` of shard `shard_id`, refusing
-/// entries this code must not interpret (see the module docs).
-/// Decodes an entry's message after checking its versions and shard.
-fn decode_proto(shard_id: ShardId, bytes: &[u8]) -> Result<ProtoState, StateDecodeError> {
+/// Decodes the header every entry starts with, refusing entries this code
+/// must not interpret (see the module docs) and entries of other shards.
+fn decode_header(shard_id: ShardId, bytes: &[u8]) -> Result<ProtoVersions, StateDecodeError> {
     let corrupt = |e: prost::DecodeError| StateDecodeError::Corrupt(e.to_string());
     let versions = ProtoVersions::decode(bytes).map_err(corrupt)?;
     if versions.encoding_version == 0 {
@@ -388,131 +642,176 @@ fn decode_proto(shard_id: ShardId, bytes: &[u8]) -> Result<ProtoState, StateDeco
             });
         }
     }
-    let proto = ProtoState::decode(bytes).map_err(corrupt)?;
-    if proto.shard_id != shard_id.to_string() {
+    if versions.shard_id != shard_id.to_string() {
         return Err(StateDecodeError::WrongShard {
             expected: shard_id,
-            found: proto.shard_id,
+            found: versions.shard_id,
         });
     }
-    Ok(proto)
+    Ok(versions)
 }
 
-/// The codecs recorded in an entry, whatever its time type.
+/// The codecs recorded in an entry (whole or diff), whatever its time type.
 pub(crate) fn decode_codecs(shard_id: ShardId, bytes: &[u8]) -> Result<Codecs, StateDecodeError> {
-    let codecs = decode_proto(shard_id, bytes)?
-        .codecs
-        .ok_or_else(|| StateDecodeError::Corrupt("missing codecs".to_owned()))?;
-    Ok(Codecs {
-        key: codecs.key,
-        val: codecs.val,
-        ts: codecs.ts,
-        diff: codecs.diff,
-    })
+    codecs_from_proto(decode_header(shard_id, bytes)?.codecs)
 }
 
+/// A decoded consensus entry.
+#[derive(Debug)]
+pub(crate) enum Entry<T> {
+    /// A whole state.
+    Full(State<T>),
+    /// The change from the previous SeqNo's state.
+    Diff(StateDiff<T>),
+}
+
+/// Decodes a consensus entry of shard `shard_id` with times of type `T`.
+pub(crate) fn decode_entry<T: Timestamp + Lattice + Codec64>(
+    shard_id: ShardId,
+    bytes: &[u8],
+) -> Result<Entry<T>, StateDecodeError> {
+    let header = decode_header(shard_id, bytes)?;
+    let codecs = codecs_from_proto(header.codecs)?;
+    if codecs.ts != T::codec_name() {
+        return Err(StateDecodeError::TimeCodecMismatch { actual: codecs });
+    }
+    if !header.is_diff {
+        return decode_full(shard_id, codecs, bytes).map(Entry::Full);
+    }
+    let corrupt = |e: prost::DecodeError| StateDecodeError::Corrupt(e.to_string());
+    let proto = ProtoDiff::decode(bytes).map_err(corrupt)?;
+    let count = |n: u64| {
+        usize::try_from(n).map_err(|_| StateDecodeError::Corrupt("batch count".to_owned()))
+    };
+    let diff = StateDiff {
+        seqno: SeqNo(proto.seqno),
+        walltime_ms: proto.walltime_ms,
+        since: proto
+            .since
+            .map(|s| decode_antichain(Some(s), "since"))
+            .transpose()?,
+        upper: proto
+            .upper
+            .map(|u| decode_antichain(Some(u), "upper"))
+            .transpose()?,
+        batches: Splice {
+            prefix: count(proto.batches_prefix)?,
+            suffix: count(proto.batches_suffix)?,
+            middle: proto
+                .batches_middle
+                .into_iter()
+                .map(batch_from_proto)
+                .collect::<Result<_, _>>()?,
+        },
+        writers: MapDiff {
+            upserts: proto
+                .writers_upsert
+                .into_iter()
+                .map(writer_from_proto)
+                .collect::<Result<_, _>>()?,
+            deletes: proto
+                .writers_delete
+                .iter()
+                .map(|id| decode_id(id))
+                .collect::<Result<_, _>>()?,
+        },
+        leased_readers: MapDiff {
+            upserts: proto
+                .leased_readers_upsert
+                .into_iter()
+                .map(leased_from_proto)
+                .collect::<Result<_, _>>()?,
+            deletes: proto
+                .leased_readers_delete
+                .iter()
+                .map(|id| decode_id(id))
+                .collect::<Result<_, _>>()?,
+        },
+        critical_readers: MapDiff {
+            upserts: proto
+                .critical_readers_upsert
+                .into_iter()
+                .map(critical_from_proto)
+                .collect::<Result<_, _>>()?,
+            deletes: proto
+                .critical_readers_delete
+                .iter()
+                .map(|id| decode_id(id))
+                .collect::<Result<_, _>>()?,
+        },
+        rollups: MapDiff {
+            upserts: proto
+                .rollups_upsert
+                .into_iter()
+                .map(|r| (SeqNo(r.seqno), r.key))
+                .collect(),
+            deletes: proto.rollups_delete.into_iter().map(SeqNo).collect(),
+        },
+    };
+    Ok(Entry::Diff(diff))
+}
+
+/// Decodes a whole state (a rollup, or an entry known to be whole).
 pub(crate) fn decode_state<T: Timestamp + Lattice + Codec64>(
     shard_id: ShardId,
     bytes: &[u8],
 ) -> Result<State<T>, StateDecodeError> {
-    let proto = decode_proto(shard_id, bytes)?;
-    let codecs = proto
-        .codecs
-        .ok_or_else(|| StateDecodeError::Corrupt("missing codecs".to_owned()))?;
-    if codecs.ts != T::codec_name() {
-        return Err(StateDecodeError::TimeCodecMismatch {
-            actual: Codecs {
-                key: codecs.key,
-                val: codecs.val,
-                ts: codecs.ts,
-                diff: codecs.diff,
-            },
-        });
+    match decode_entry(shard_id, bytes)? {
+        Entry::Full(state) => Ok(state),
+        Entry::Diff(_) => Err(StateDecodeError::Corrupt(
+            "expected a whole state, found a diff".to_owned(),
+        )),
     }
-    let mut batches = Vec::with_capacity(proto.batches.len());
-    for b in proto.batches {
-        let lower = decode_antichain(b.lower, "batch lower")?;
-        if lower.is_empty() {
-            // Nothing can follow the end of time (and `Description` insists).
-            return Err(StateDecodeError::Corrupt(
-                "a batch starts at the empty frontier".to_owned(),
-            ));
-        }
-        let desc = Description::new(
-            lower,
-            decode_antichain(b.upper, "batch upper")?,
-            decode_antichain(b.since, "batch since")?,
-        );
-        let parts = b
-            .parts
-            .into_iter()
-            .map(|p| HollowPart {
-                key: p.key,
-                len: p.len,
-                encoded_size_bytes: p.encoded_size_bytes,
-                key_lower: p.key_lower,
-                key_upper: p.key_upper,
-                ts_lower: p.ts_lower.to_le_bytes(),
-                ts_upper: p.ts_upper.to_le_bytes(),
-            })
-            .collect();
-        batches.push(HollowBatch {
-            desc,
-            parts,
-            len: b.len,
-        });
-    }
-    let mut writers = BTreeMap::new();
-    for w in proto.writers {
-        let state = WriterState {
-            last_heartbeat_ms: w.last_heartbeat_ms,
-            lease_duration_ms: w.lease_duration_ms,
-            most_recent_write_token: decode_id::<IdempotencyToken>(&w.most_recent_write_token)?,
-            most_recent_write_upper: decode_antichain(w.most_recent_write_upper, "writer upper")?,
-            purpose: w.purpose,
-        };
-        writers.insert(decode_id::<WriterId>(&w.id)?, state);
-    }
-    let mut leased_readers = BTreeMap::new();
-    for r in proto.leased_readers {
-        let state = LeasedReaderState {
-            since: decode_antichain(r.since, "reader since")?,
-            seqno: SeqNo(r.seqno),
-            last_heartbeat_ms: r.last_heartbeat_ms,
-            lease_duration_ms: r.lease_duration_ms,
-            purpose: r.purpose,
-        };
-        leased_readers.insert(decode_id::<LeasedReaderId>(&r.id)?, state);
-    }
-    let mut critical_readers = BTreeMap::new();
-    for r in proto.critical_readers {
-        let state = CriticalReaderState {
-            since: decode_antichain(r.since, "critical reader since")?,
-            opaque: r.opaque.to_le_bytes(),
-            opaque_codec: r.opaque_codec,
-            purpose: r.purpose,
-        };
-        critical_readers.insert(decode_id::<CriticalReaderId>(&r.id)?, state);
-    }
+}
+
+fn decode_full<T: Timestamp + Lattice + Codec64>(
+    shard_id: ShardId,
+    codecs: Codecs,
+    bytes: &[u8],
+) -> Result<State<T>, StateDecodeError> {
+    let corrupt = |e: prost::DecodeError| StateDecodeError::Corrupt(e.to_string());
+    let proto = ProtoState::decode(bytes).map_err(corrupt)?;
     let state = State {
         shard_id,
         seqno: SeqNo(proto.seqno),
         walltime_ms: proto.walltime_ms,
-        codecs: Codecs {
-            key: codecs.key,
-            val: codecs.val,
-            ts: codecs.ts,
-            diff: codecs.diff,
-        },
+        codecs,
         since: decode_antichain(proto.since, "since")?,
         upper: decode_antichain(proto.upper, "upper")?,
-        batches,
-        writers,
-        leased_readers,
-        critical_readers,
+        batches: proto
+            .batches
+            .into_iter()
+            .map(batch_from_proto)
+            .collect::<Result<_, _>>()?,
+        writers: proto
+            .writers
+            .into_iter()
+            .map(writer_from_proto)
+            .collect::<Result<_, _>>()?,
+        leased_readers: proto
+            .leased_readers
+            .into_iter()
+            .map(leased_from_proto)
+            .collect::<Result<_, _>>()?,
+        critical_readers: proto
+            .critical_readers
+            .into_iter()
+            .map(critical_from_proto)
+            .collect::<Result<_, _>>()?,
+        rollups: proto
+            .rollups
+            .into_iter()
+            .map(|r| (SeqNo(r.seqno), r.key))
+            .collect(),
     };
     validate(&state)?;
     Ok(state)
+}
+
+/// Checks a state built by applying diffs the way a decoded whole state is
+/// checked.
+pub(crate) fn validate_state<T: Timestamp>(state: &State<T>) -> Result<(), StateDecodeError> {
+    validate(state)
 }
 
 #[cfg(test)]

@@ -24,7 +24,11 @@ pub(crate) enum Holder {
 
 impl Holder {
     /// Records a heartbeat; returns whether the holder is registered.
-    fn heartbeat<T: Timestamp + Lattice>(self, state: &mut State<T>, now_ms: u64) -> bool {
+    fn heartbeat<T: Timestamp + Lattice + Codec64>(
+        self,
+        state: &mut State<T>,
+        now_ms: u64,
+    ) -> bool {
         match self {
             Holder::Reader(id) => state.heartbeat_leased_reader(id, now_ms),
             Holder::Writer(id) => state.heartbeat_writer(id, now_ms),
@@ -32,7 +36,7 @@ impl Holder {
     }
 
     /// Removes the holder; returns whether it was registered.
-    fn remove<T: Timestamp + Lattice>(self, state: &mut State<T>) -> bool {
+    fn remove<T: Timestamp + Lattice + Codec64>(self, state: &mut State<T>) -> bool {
         match self {
             Holder::Reader(id) => state.expire_leased_reader(id),
             Holder::Writer(id) => state.expire_writer(id),

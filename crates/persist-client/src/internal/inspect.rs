@@ -20,7 +20,9 @@ fn frontier<T: Debug>(frontier: &Antichain<T>) -> Value {
 
 /// The state as JSON. Times are rendered with `Debug`; blob keys, sizes
 /// and ids as they are stored.
-pub(crate) fn state_json<T: Timestamp + Lattice>(state: &State<T>) -> Value {
+pub(crate) fn state_json<T: Timestamp + Lattice + persist_types::Codec64>(
+    state: &State<T>,
+) -> Value {
     let batches: Vec<Value> = state
         .batches
         .iter()

@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use differential_dataflow::lattice::Lattice;
-use persist::{CaSResult, Consensus, ExternalError, SeqNo, VersionedData};
+use persist::{Blob, CaSResult, Consensus, ExternalError, SeqNo, VersionedData};
 use persist_types::{Codec64, ShardId};
 use timely::progress::{Antichain, Timestamp};
 use tokio::sync::watch;
@@ -13,7 +13,10 @@ use tokio::sync::watch;
 use crate::cfg::{DynamicConfig, PersistConfig};
 use crate::error::{CodecMismatch, Codecs};
 use crate::internal::cache::{Cached, StateCache};
-use crate::internal::encoding::{StateDecodeError, decode_state, encode_state};
+use crate::internal::diff::StateDiff;
+use crate::internal::encoding::{
+    Entry, StateDecodeError, decode_entry, decode_state, encode_diff, encode_state, validate_state,
+};
 use crate::internal::state::{HollowBatch, SnapshotError, State};
 use crate::metrics::Metrics;
 
@@ -79,6 +82,9 @@ impl<T: std::fmt::Debug> From<MachineError> for crate::error::ClientError<T> {
 struct SharedState<T> {
     state: RwLock<Arc<State<T>>>,
     seqno: watch::Sender<SeqNo>,
+    /// Background work in flight for the shard, so that a burst of writes
+    /// starts one rollup (or compaction) rather than one per write.
+    busy: Arc<crate::internal::maintenance::Busy>,
 }
 
 /// Applies transitions to one shard's state. Clones share the cached state.
@@ -86,6 +92,7 @@ struct SharedState<T> {
 pub(crate) struct Machine<T> {
     shard_id: ShardId,
     consensus: Arc<dyn Consensus>,
+    blob: Arc<dyn Blob>,
     cfg: DynamicConfig,
     shared: Arc<SharedState<T>>,
     metrics: Option<Arc<Metrics>>,
@@ -96,6 +103,7 @@ impl<T> Clone for Machine<T> {
         Machine {
             shard_id: self.shard_id,
             consensus: Arc::clone(&self.consensus),
+            blob: Arc::clone(&self.blob),
             cfg: self.cfg.clone(),
             shared: Arc::clone(&self.shared),
             metrics: self.metrics.clone(),
@@ -108,6 +116,140 @@ impl<T> Machine<T> {
     pub fn shard_id(&self) -> ShardId {
         self.shard_id
     }
+
+    /// The blob store holding the shard's parts and rollups.
+    pub fn blob(&self) -> &Arc<dyn Blob> {
+        &self.blob
+    }
+
+    /// Background work in flight for the shard in this process.
+    pub(crate) fn busy_arc(&self) -> &Arc<crate::internal::maintenance::Busy> {
+        &self.shared.busy
+    }
+}
+
+/// The blob key of the rollup of a shard's state at `seqno`. Deterministic:
+/// two processes rolling up the same state write the same bytes to the same
+/// key, and opening a shard finds the rollup of its oldest entry by SeqNo.
+pub(crate) fn rollup_key(shard_id: ShardId, seqno: SeqNo) -> String {
+    format!("{shard_id}/rollup/{:020}", seqno.0)
+}
+
+/// How many consensus entries one scan asks for.
+const SCAN_PAGE: usize = 4096;
+
+/// Every entry of `key` from `from` on, retrying external failures.
+async fn scan_from(
+    consensus: &dyn Consensus,
+    cfg: &DynamicConfig,
+    shard_id: ShardId,
+    from: SeqNo,
+) -> Vec<VersionedData> {
+    let key = shard_id.to_string();
+    let mut backoff = Backoff::new(&cfg.get());
+    let mut entries: Vec<VersionedData> = Vec::new();
+    let mut next = from;
+    loop {
+        match consensus.scan(&key, next, SCAN_PAGE).await {
+            Ok(page) => {
+                let full = page.len() == SCAN_PAGE;
+                if let Some(last) = page.last() {
+                    next = last.seqno.next();
+                }
+                entries.extend(page);
+                if !full {
+                    return entries;
+                }
+            }
+            Err(err) => backoff.wait("read state log", shard_id, &err).await,
+        }
+    }
+}
+
+/// Applies the consensus entry `entry` to `state`, its predecessor.
+pub(crate) fn apply_entry<T: Timestamp + Lattice + Codec64>(
+    shard_id: ShardId,
+    state: &mut State<T>,
+    entry: &VersionedData,
+) -> Result<(), MachineError> {
+    let corrupt = |reason: String| MachineError::Decode {
+        shard: shard_id,
+        source: StateDecodeError::Corrupt(reason),
+    };
+    match decode_entry::<T>(shard_id, &entry.data).map_err(|source| MachineError::Decode {
+        shard: shard_id,
+        source,
+    })? {
+        Entry::Full(whole) => *state = whole,
+        Entry::Diff(diff) => diff
+            .apply(state)
+            .map_err(|reason| corrupt(format!("entry {}: {reason}", entry.seqno)))?,
+    }
+    if state.seqno != entry.seqno {
+        return Err(corrupt(format!(
+            "entry at {} holds state {}",
+            entry.seqno, state.seqno
+        )));
+    }
+    validate_state(state).map_err(|source| MachineError::Decode {
+        shard: shard_id,
+        source,
+    })
+}
+
+/// How often opening a shard re-reads its log when the rollup its oldest
+/// entry needs has vanished (garbage collection moved on meanwhile).
+const OPEN_ATTEMPTS: usize = 8;
+
+/// Reads the latest state of a shard from its log: the oldest live entry
+/// (whole, or a diff whose state is rolled up in blob) and every diff after
+/// it. `None` if the shard does not exist. Retries external failures.
+pub(crate) async fn read_state<T: Timestamp + Lattice + Codec64>(
+    consensus: &dyn Consensus,
+    blob: &dyn Blob,
+    cfg: &DynamicConfig,
+    shard_id: ShardId,
+) -> Result<Option<State<T>>, MachineError> {
+    let decode_err = |source| MachineError::Decode {
+        shard: shard_id,
+        source,
+    };
+    for _ in 0..OPEN_ATTEMPTS {
+        let entries = scan_from(consensus, cfg, shard_id, SeqNo::minimum()).await;
+        let Some(first) = entries.first() else {
+            return Ok(None);
+        };
+        let mut state = match decode_entry::<T>(shard_id, &first.data).map_err(decode_err)? {
+            Entry::Full(state) => state,
+            Entry::Diff(_) => {
+                let key = rollup_key(shard_id, first.seqno);
+                let mut backoff = Backoff::new(&cfg.get());
+                let bytes = loop {
+                    match blob.get(&key).await {
+                        Ok(bytes) => break bytes,
+                        Err(err) => backoff.wait("read rollup", shard_id, &err).await,
+                    }
+                };
+                // Truncated meanwhile: read the log again.
+                let Some(bytes) = bytes else { continue };
+                decode_state::<T>(shard_id, &bytes).map_err(decode_err)?
+            }
+        };
+        if state.seqno != first.seqno {
+            return Err(decode_err(StateDecodeError::Corrupt(format!(
+                "entry at {} holds state {}",
+                first.seqno, state.seqno
+            ))));
+        }
+        for entry in &entries[1..] {
+            apply_entry(shard_id, &mut state, entry)?;
+        }
+        return Ok(Some(state));
+    }
+    Err(MachineError::Inconsistent {
+        shard: shard_id,
+        reason: "the rollup of the oldest state in consensus is missing from blob".to_owned(),
+    })
 }
 
 /// Milliseconds since the Unix epoch by the wall clock.
@@ -126,6 +268,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
     pub async fn open(
         cfg: DynamicConfig,
         consensus: Arc<dyn Consensus>,
+        blob: Arc<dyn Blob>,
         cache: &StateCache,
         shard_id: ShardId,
         codecs: Codecs,
@@ -139,6 +282,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
         let machine = |shared| Machine {
             shard_id,
             consensus: Arc::clone(&consensus),
+            blob: Arc::clone(&blob),
             cfg: cfg.clone(),
             shared,
             metrics: None,
@@ -163,21 +307,17 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
         let key = shard_id.to_string();
         let mut backoff = Backoff::new(&cfg.get());
         let state = loop {
-            let head = match consensus.head(&key).await {
-                Ok(head) => head,
-                Err(err) => {
-                    backoff.wait("read state", shard_id, &err).await;
-                    continue;
-                }
-            };
-            if let Some(head) = head {
-                break decode(shard_id, &head).map_err(|err| match err {
+            let existing = read_state::<T>(&*consensus, &*blob, &cfg, shard_id)
+                .await
+                .map_err(|err| match err {
                     MachineError::Decode {
                         source: StateDecodeError::TimeCodecMismatch { actual },
                         ..
                     } => mismatch(actual),
                     other => other,
                 })?;
+            if let Some(state) = existing {
+                break state;
             }
             let initial = State::new(shard_id, codecs.clone(), now_ms());
             let entry = VersionedData {
@@ -199,6 +339,7 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
         let fresh = Arc::new(SharedState {
             state: RwLock::new(Arc::new(state)),
             seqno,
+            busy: Default::default(),
         });
         match cache.insert_or_get(shard_id, &codecs, fresh) {
             Cached::Live(shared) => Ok(machine(shared)),
@@ -239,14 +380,19 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
         self
     }
 
-    /// Records a state of `size` encoded bytes in the metrics.
+    /// Records a state whose consensus entry has `size` bytes in the
+    /// metrics.
     fn observe(&self, state: &State<T>, size: usize) {
         let Some(metrics) = &self.metrics else { return };
         let shard = self.shard_id.to_string();
         metrics
-            .state_bytes
+            .state_entry_bytes
             .with_label_values(&[shard.as_str()])
             .set(i64::try_from(size).unwrap_or(i64::MAX));
+        metrics
+            .batches
+            .with_label_values(&[shard.as_str()])
+            .set(i64::try_from(state.batches.len()).unwrap_or(i64::MAX));
         for (kind, count) in [
             ("writer", state.writers.len()),
             ("leased_reader", state.leased_readers.len()),
@@ -268,28 +414,58 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
         }
     }
 
-    /// Reads the latest state from consensus (retrying external failures),
-    /// caches it, and returns it.
+    /// Reads the states after the cached one from consensus (retrying
+    /// external failures), caches the latest, and returns it.
     #[tracing::instrument(level = "trace", skip_all, fields(shard = %self.shard_id))]
     pub async fn fetch_latest(&self) -> Result<Arc<State<T>>, MachineError> {
-        let key = self.shard_id.to_string();
-        let mut backoff = Backoff::new(&self.cfg.get());
-        loop {
-            match self.consensus.head(&key).await {
-                Ok(Some(head)) => {
-                    if head.seqno > self.cached().seqno {
-                        let state = decode(self.shard_id, &head)?;
-                        self.observe(&state, head.data.len());
-                        self.cache(state);
-                    }
-                    return Ok(self.cached());
-                }
-                // Shards are never deleted from consensus: an empty key means
-                // a caller opened the machine on a different consensus.
-                Ok(None) => return Ok(self.cached()),
-                Err(err) => backoff.wait("read state", self.shard_id, &err).await,
+        let cached = self.cached();
+        let entries = scan_from(
+            &*self.consensus,
+            &self.cfg,
+            self.shard_id,
+            cached.seqno.next(),
+        )
+        .await;
+        let Some(first) = entries.first() else {
+            // Nothing newer. (Shards are never removed from consensus.)
+            return Ok(cached);
+        };
+        let state = if first.seqno == cached.seqno.next() {
+            let mut state = State::clone(&cached);
+            for entry in &entries {
+                apply_entry(self.shard_id, &mut state, entry)?;
             }
+            state
+        } else {
+            // The log was truncated past the cached state: start over from
+            // the oldest live entry.
+            read_state::<T>(&*self.consensus, &*self.blob, &self.cfg, self.shard_id)
+                .await?
+                .ok_or_else(|| MachineError::Inconsistent {
+                    shard: self.shard_id,
+                    reason: "the shard's log vanished".to_owned(),
+                })?
+        };
+        if let Some(last) = entries.last() {
+            self.observe(&state, last.data.len());
         }
+        self.cache(state);
+        Ok(self.cached())
+    }
+
+    /// Caches the state at `head`, the latest entry: by applying it to the
+    /// cached state when it is the very next one (no read needed), by
+    /// reading the entries in between otherwise.
+    async fn catch_up(&self, head: &VersionedData) -> Result<(), MachineError> {
+        let cached = self.cached();
+        if head.seqno == cached.seqno.next() {
+            let mut state = State::clone(&cached);
+            apply_entry(self.shard_id, &mut state, head)?;
+            self.observe(&state, head.data.len());
+            self.cache(state);
+            return Ok(());
+        }
+        self.fetch_latest().await.map(|_| ())
     }
 
     /// Waits until this process sees a state newer than `seen`: written by
@@ -367,7 +543,11 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
                 }
                 Transition::Write(result) => result,
             };
-            let data = encode_state(&next);
+            let data = encode_diff(
+                self.shard_id,
+                &next.codecs,
+                &StateDiff::between(&current, &next),
+            );
             let entry = VersionedData {
                 seqno: next.seqno,
                 data: data.clone(),
@@ -380,13 +560,11 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
                 Ok(CaSResult::Committed) => {
                     let seqno = next.seqno;
                     self.observe(&next, data.len());
-                    self.cache(next);
+                    self.committed(next);
                     return Ok((seqno, result));
                 }
                 Ok(CaSResult::ExpectationMismatch(Some(head))) if head.seqno > current.seqno => {
-                    let state = decode(self.shard_id, &head)?;
-                    self.observe(&state, head.data.len());
-                    self.cache(state);
+                    self.catch_up(&head).await?;
                 }
                 Ok(CaSResult::ExpectationMismatch(head)) => {
                     // Heads never move backward or vanish: retrying would
@@ -406,13 +584,91 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
                     if !err.is_determinate() && self.head_is(&key, &next.seqno, &data).await? {
                         // The write whose outcome was unknown landed.
                         let seqno = next.seqno;
-                        self.cache(next);
+                        self.committed(next);
                         return Ok((seqno, result));
                     }
                     self.fetch_latest().await?;
                 }
             }
         }
+    }
+
+    /// Caches a state this machine committed and starts the background
+    /// work it calls for (a rollup, then garbage collection).
+    fn committed(&self, state: State<T>) {
+        let state = Arc::new(state);
+        {
+            let mut cached = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
+            if state.seqno > cached.seqno {
+                *cached = Arc::clone(&state);
+                self.shared.seqno.send_replace(state.seqno);
+            }
+        }
+        crate::internal::maintenance::after_commit(self, &state);
+    }
+
+    /// Writes the current state whole as the next entry and truncates the
+    /// log below it, so that reading the shard needs no rollup (a finalized
+    /// shard's blobs, rollups included, are all deleted). Retries external
+    /// failures.
+    pub async fn checkpoint(&self) -> Result<SeqNo, MachineError> {
+        let key = self.shard_id.to_string();
+        let mut backoff = Backoff::new(&self.cfg.get());
+        let seqno = loop {
+            let current = self.fetch_latest().await?;
+            let mut next = State::clone(&current);
+            next.seqno = current.seqno.next();
+            next.walltime_ms = now_ms();
+            let data = encode_state(&next);
+            let entry = VersionedData {
+                seqno: next.seqno,
+                data: data.clone(),
+            };
+            match self
+                .consensus
+                .compare_and_set(&key, Some(current.seqno), entry)
+                .await
+            {
+                Ok(CaSResult::Committed) => {
+                    let seqno = next.seqno;
+                    self.cache(next);
+                    break seqno;
+                }
+                Ok(CaSResult::ExpectationMismatch(_)) => continue,
+                Err(err) => {
+                    backoff.wait("write state", self.shard_id, &err).await;
+                    if !err.is_determinate() && self.head_is(&key, &next.seqno, &data).await? {
+                        let seqno = next.seqno;
+                        self.cache(next);
+                        break seqno;
+                    }
+                }
+            }
+        };
+        self.truncate(seqno).await;
+        Ok(seqno)
+    }
+
+    /// Removes the log's entries below `seqno` (retrying external failures;
+    /// entries already gone are fine).
+    pub async fn truncate(&self, seqno: SeqNo) {
+        let key = self.shard_id.to_string();
+        let mut backoff = Backoff::new(&self.cfg.get());
+        loop {
+            match self.consensus.truncate(&key, seqno).await {
+                Ok(_) => return,
+                Err(err) => {
+                    backoff
+                        .wait("truncate state log", self.shard_id, &err)
+                        .await
+                }
+            }
+        }
+    }
+
+    /// Every entry of the log from `from` on.
+    pub async fn scan_from(&self, from: SeqNo) -> Vec<VersionedData> {
+        scan_from(&*self.consensus, &self.cfg, self.shard_id, from).await
     }
 
     /// Whether consensus holds exactly `data` at `seqno` (retrying external
@@ -430,28 +686,6 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
             }
         }
     }
-}
-
-fn decode<T: Timestamp + Lattice + Codec64>(
-    shard_id: ShardId,
-    entry: &VersionedData,
-) -> Result<State<T>, MachineError> {
-    let state =
-        decode_state::<T>(shard_id, &entry.data).map_err(|source| MachineError::Decode {
-            shard: shard_id,
-            source,
-        })?;
-    if state.seqno != entry.seqno {
-        let source = StateDecodeError::Corrupt(format!(
-            "entry at {} holds state {}",
-            entry.seqno, state.seqno
-        ));
-        return Err(MachineError::Decode {
-            shard: shard_id,
-            source,
-        });
-    }
-    Ok(state)
 }
 
 /// Exponential backoff between retries of external failures.
@@ -496,6 +730,10 @@ mod tests {
     use crate::internal::state::tests::codecs;
     use crate::internal::state::{CompareAndAppendBreak, HollowBatch};
 
+    fn mem_blob() -> Arc<dyn Blob> {
+        Arc::new(persist::mem::MemBlob::new())
+    }
+
     fn cfg() -> DynamicConfig {
         DynamicConfig::new(PersistConfig {
             initial_retry_backoff: Duration::from_millis(1),
@@ -508,6 +746,7 @@ mod tests {
         Machine::open(
             cfg(),
             Arc::clone(consensus),
+            mem_blob(),
             &StateCache::default(),
             shard,
             codecs(),
@@ -561,9 +800,16 @@ mod tests {
         let mut wrong = codecs();
         wrong.key = "Vec<u8>".into();
         let cache = StateCache::default();
-        let err = Machine::<u64>::open(cfg(), Arc::clone(&consensus), &cache, shard, wrong.clone())
-            .await
-            .unwrap_err();
+        let err = Machine::<u64>::open(
+            cfg(),
+            Arc::clone(&consensus),
+            mem_blob(),
+            &cache,
+            shard,
+            wrong.clone(),
+        )
+        .await
+        .unwrap_err();
         match err {
             MachineError::CodecMismatch(m) => {
                 assert_eq!(m.requested, wrong);
@@ -578,12 +824,26 @@ mod tests {
         let consensus: Arc<dyn Consensus> = Arc::new(MemConsensus::new());
         let cache = StateCache::default();
         let shard = ShardId::new();
-        let a = Machine::<u64>::open(cfg(), Arc::clone(&consensus), &cache, shard, codecs())
-            .await
-            .unwrap();
-        let b = Machine::<u64>::open(cfg(), Arc::clone(&consensus), &cache, shard, codecs())
-            .await
-            .unwrap();
+        let a = Machine::<u64>::open(
+            cfg(),
+            Arc::clone(&consensus),
+            mem_blob(),
+            &cache,
+            shard,
+            codecs(),
+        )
+        .await
+        .unwrap();
+        let b = Machine::<u64>::open(
+            cfg(),
+            Arc::clone(&consensus),
+            mem_blob(),
+            &cache,
+            shard,
+            codecs(),
+        )
+        .await
+        .unwrap();
         let reader = LeasedReaderId::new();
         a.apply(|s, now| Transition::Write(s.register_leased_reader(reader, "a", now, 1000)))
             .await
@@ -591,9 +851,16 @@ mod tests {
         // b sees a's write without reading consensus.
         assert!(b.cached().leased_readers.contains_key(&reader));
         // The same shard with another time type is a codec mismatch.
-        let err = Machine::<i64>::open(cfg(), Arc::clone(&consensus), &cache, shard, codecs())
-            .await
-            .unwrap_err();
+        let err = Machine::<i64>::open(
+            cfg(),
+            Arc::clone(&consensus),
+            mem_blob(),
+            &cache,
+            shard,
+            codecs(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, MachineError::CodecMismatch(_)), "{err}");
     }
 
@@ -626,14 +893,14 @@ mod tests {
             (Arc::new(MemConsensus::new()), Arc::new(MemConsensus::new()));
         let cache = StateCache::default();
         let shard = ShardId::new();
-        let on_a = Machine::<u64>::open(cfg(), a, &cache, shard, codecs())
+        let on_a = Machine::<u64>::open(cfg(), a, mem_blob(), &cache, shard, codecs())
             .await
             .unwrap();
         on_a.apply(|s, now| Transition::Write(s.register_writer(WriterId::new(), "w", now, 1)))
             .await
             .unwrap();
         // A cache shared with another location hands b's machine a's state.
-        let on_b = Machine::<u64>::open(cfg(), b, &cache, shard, codecs())
+        let on_b = Machine::<u64>::open(cfg(), b, mem_blob(), &cache, shard, codecs())
             .await
             .unwrap();
         let err = on_b
@@ -719,7 +986,7 @@ mod tests {
             .unwrap();
         for (i, entry) in log.iter().enumerate() {
             assert_eq!(entry.seqno, SeqNo(i as u64));
-            decode::<u64>(shard, entry).unwrap();
+            decode_entry::<u64>(shard, &entry.data).unwrap();
         }
     }
 
@@ -735,9 +1002,16 @@ mod tests {
             .compare_and_set(&shard.to_string(), None, garbage)
             .await
             .unwrap();
-        let err = Machine::<u64>::open(cfg(), consensus, &StateCache::default(), shard, codecs())
-            .await
-            .unwrap_err();
+        let err = Machine::<u64>::open(
+            cfg(),
+            consensus,
+            mem_blob(),
+            &StateCache::default(),
+            shard,
+            codecs(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, MachineError::Decode { .. }), "{err}");
         assert!(err.to_string().contains(&shard.to_string()), "{err}");
     }

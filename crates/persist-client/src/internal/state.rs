@@ -13,7 +13,7 @@ use std::fmt::Debug;
 use differential_dataflow::lattice::Lattice;
 use differential_dataflow::trace::Description;
 use persist::SeqNo;
-use persist_types::ShardId;
+use persist_types::{Codec64, ShardId};
 use timely::PartialOrder;
 use timely::progress::{Antichain, Timestamp};
 
@@ -53,6 +53,11 @@ pub(crate) struct HollowBatch<T> {
     pub parts: Vec<HollowPart>,
     /// The number of updates in all parts.
     pub len: u64,
+    /// How the parts group into sorted runs: the part counts of
+    /// consecutive runs, whose updates are sorted across their parts (as
+    /// compaction writes them). Empty means every part is a run of its own
+    /// (as writers write them).
+    pub runs: Vec<usize>,
 }
 
 impl<T: Timestamp> HollowBatch<T> {
@@ -62,7 +67,25 @@ impl<T: Timestamp> HollowBatch<T> {
             desc: Description::new(lower, upper, Antichain::from_elem(T::minimum())),
             parts: Vec::new(),
             len: 0,
+            runs: Vec::new(),
         }
+    }
+
+    /// The batch's parts grouped into sorted runs.
+    pub fn runs(&self) -> Vec<&[HollowPart]> {
+        if self.runs.is_empty() || self.runs.iter().sum::<usize>() != self.parts.len() {
+            return self.parts.chunks(1).collect();
+        }
+        let mut rest = self.parts.as_slice();
+        self.runs
+            .iter()
+            .map(|&n| {
+                let (run, tail) = rest.split_at(n);
+                rest = tail;
+                run
+            })
+            .filter(|run| !run.is_empty())
+            .collect()
     }
 }
 
@@ -136,6 +159,9 @@ pub(crate) struct State<T> {
     pub leased_readers: BTreeMap<LeasedReaderId, LeasedReaderState<T>>,
     /// Registered critical readers.
     pub critical_readers: BTreeMap<CriticalReaderId, CriticalReaderState<T>>,
+    /// Rollups in blob: the SeqNo of each state written whole to blob, and
+    /// its key. Consensus is only ever truncated to one of these SeqNos.
+    pub rollups: BTreeMap<SeqNo, String>,
 }
 
 /// Why [`State::compare_and_append`] did not append.
@@ -149,6 +175,27 @@ pub(crate) enum CompareAndAppendBreak<T> {
     /// Some of the batch's parts were appended before, over another
     /// interval: the batch was already consumed.
     PartsAlreadyAppended,
+}
+
+/// Batches to merge into one, with times advanced to `since`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CompactionRequest<T> {
+    /// Adjacent batches, oldest first.
+    pub inputs: Vec<HollowBatch<T>>,
+    /// The shard's since when the request was made.
+    pub since: Antichain<T>,
+}
+
+/// What [`State::apply_compaction`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CompactionOutcome {
+    /// The inputs were replaced by the output.
+    Applied,
+    /// The output is in state already (a retry of an applied compaction).
+    AlreadyApplied,
+    /// The inputs are gone (merged or replaced meanwhile): the output is
+    /// not needed.
+    Superseded,
 }
 
 /// Why [`State::snapshot`] cannot serve a read.
@@ -169,7 +216,7 @@ pub(crate) enum CriticalSinceBreak {
     UnknownReader,
 }
 
-impl<T: Timestamp + Lattice> State<T> {
+impl<T: Timestamp + Lattice + Codec64> State<T> {
     /// The state of a shard that was just created.
     pub fn new(shard_id: ShardId, codecs: Codecs, walltime_ms: u64) -> Self {
         State {
@@ -183,6 +230,7 @@ impl<T: Timestamp + Lattice> State<T> {
             writers: BTreeMap::new(),
             leased_readers: BTreeMap::new(),
             critical_readers: BTreeMap::new(),
+            rollups: BTreeMap::new(),
         }
     }
 
@@ -200,6 +248,7 @@ impl<T: Timestamp + Lattice> State<T> {
             && self.writers.is_empty()
             && self.leased_readers.is_empty()
             && self.critical_readers.is_empty()
+            && self.rollups.is_empty()
     }
 
     /// Empties a tombstone of its batches and handles. Returns whether
@@ -214,6 +263,7 @@ impl<T: Timestamp + Lattice> State<T> {
         self.writers.clear();
         self.leased_readers.clear();
         self.critical_readers.clear();
+        self.rollups.clear();
         changed
     }
 
@@ -287,19 +337,140 @@ impl<T: Timestamp + Lattice> State<T> {
         state.most_recent_write_upper = batch.desc.upper().clone();
 
         self.upper = batch.desc.upper().clone();
-        match self.batches.last_mut() {
-            // Consecutive empty batches (upper advances with no data) merge,
-            // so that state does not grow with every idle tick.
-            Some(last) if batch.parts.is_empty() && last.parts.is_empty() => {
-                last.desc = Description::new(
-                    last.desc.lower().clone(),
-                    batch.desc.upper().clone(),
-                    last.desc.since().clone(),
-                );
-            }
-            _ => self.batches.push(batch.clone()),
-        }
+        self.push_batch(batch.clone());
         Ok(())
+    }
+
+    /// Adds `batch`, which starts at the end of the last batch, merging it
+    /// with the last batch where that needs no data rewritten, so that
+    /// state does not grow with every idle tick of the upper:
+    ///
+    /// - an empty batch extends the last batch's upper (writers never put
+    ///   updates at or beyond a batch's upper, so the last batch's parts
+    ///   still hold exactly its updates);
+    /// - a batch after an empty last batch takes over its lower, if no
+    ///   part holds an update before the batch's lower (the part time
+    ///   bounds show it), so none of them can fall into the wider interval.
+    fn push_batch(&mut self, batch: HollowBatch<T>) {
+        let Some(last) = self.batches.last_mut() else {
+            self.batches.push(batch);
+            return;
+        };
+        if batch.parts.is_empty() {
+            last.desc = Description::new(
+                last.desc.lower().clone(),
+                batch.desc.upper().clone(),
+                last.desc.since().clone(),
+            );
+            return;
+        }
+        let starts_at_lower = batch
+            .parts
+            .iter()
+            .all(|p| batch.desc.lower().less_equal(&T::decode(p.ts_lower)));
+        if last.parts.is_empty() && starts_at_lower {
+            let lower = last.desc.lower().clone();
+            *last = HollowBatch {
+                desc: Description::new(
+                    lower,
+                    batch.desc.upper().clone(),
+                    batch.desc.since().clone(),
+                ),
+                ..batch
+            };
+            return;
+        }
+        self.batches.push(batch);
+    }
+
+    /// The next merge the compaction policy asks for, if any: two adjacent
+    /// batches where the older holds fewer than twice the updates of the
+    /// newer, the newest such pair first. Merging only such pairs keeps
+    /// batch sizes falling geometrically from oldest to newest (as in
+    /// differential dataflow's spine), so a shard has a number of batches
+    /// logarithmic in its updates, and each update is rewritten a
+    /// logarithmic number of times.
+    pub fn compaction_request(&self) -> Option<CompactionRequest<T>> {
+        if self.is_tombstone() {
+            return None;
+        }
+        let i = (1..self.batches.len()).rev().find(|&i| {
+            let (older, newer) = (&self.batches[i - 1], &self.batches[i]);
+            older.len < newer.len.saturating_mul(2)
+        })?;
+        Some(CompactionRequest {
+            inputs: self.batches[i - 1..=i].to_vec(),
+            since: self.since.clone(),
+        })
+    }
+
+    /// Replaces the batches a compaction merged with its `output`, if they
+    /// are all still in state, unchanged but for the last one's upper
+    /// (which empty appends may have extended, adding no updates).
+    pub fn apply_compaction(
+        &mut self,
+        inputs: &[HollowBatch<T>],
+        mut output: HollowBatch<T>,
+    ) -> CompactionOutcome {
+        if output.parts.first().is_some_and(|p| {
+            self.batches
+                .iter()
+                .any(|b| b.parts.iter().any(|q| q.key == p.key))
+        }) {
+            return CompactionOutcome::AlreadyApplied;
+        }
+        let Some(first) = inputs.first() else {
+            return CompactionOutcome::Superseded;
+        };
+        let Some(start) = self
+            .batches
+            .iter()
+            .position(|b| b.desc.lower() == first.desc.lower())
+        else {
+            return CompactionOutcome::Superseded;
+        };
+        let end = start + inputs.len();
+        let Some(current) = self.batches.get(start..end) else {
+            return CompactionOutcome::Superseded;
+        };
+        let last = inputs.len() - 1;
+        let unchanged = current
+            .iter()
+            .zip(inputs)
+            .enumerate()
+            .all(|(i, (cur, inp))| {
+                cur.parts == inp.parts
+                    && cur.desc.lower() == inp.desc.lower()
+                    && (cur.desc.upper() == inp.desc.upper()
+                        || (i == last
+                            && PartialOrder::less_equal(inp.desc.upper(), cur.desc.upper())))
+            });
+        if !unchanged {
+            return CompactionOutcome::Superseded;
+        }
+        let upper = current[last].desc.upper().clone();
+        output.desc = Description::new(
+            output.desc.lower().clone(),
+            upper,
+            output.desc.since().clone(),
+        );
+        let merged: Vec<HollowBatch<T>> = if output.parts.is_empty() && start > 0 {
+            // Nothing survived consolidation: the previous batch absorbs the
+            // interval (see `push_batch`).
+            let prev = &self.batches[start - 1];
+            let mut prev = prev.clone();
+            prev.desc = Description::new(
+                prev.desc.lower().clone(),
+                output.desc.upper().clone(),
+                prev.desc.since().clone(),
+            );
+            self.batches.splice(start - 1..end, [prev]);
+            return CompactionOutcome::Applied;
+        } else {
+            vec![output]
+        };
+        self.batches.splice(start..end, merged);
+        CompactionOutcome::Applied
     }
 
     /// The blob keys of every part state references.
@@ -312,7 +483,6 @@ impl<T: Timestamp + Lattice> State<T> {
 
     /// The smallest SeqNo a leased reader holds a lease on, or this state's
     /// SeqNo if none does: states from it on must stay readable.
-    #[cfg_attr(not(test), allow(dead_code))] // Garbage collection will use it.
     pub fn seqno_since(&self) -> SeqNo {
         self.leased_readers
             .values()
@@ -657,7 +827,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn empty_batches_merge() {
+    fn empty_batches_merge_without_rewriting_data() {
         let mut s = state();
         let w = WriterId::new();
         for (lower, upper) in [(0, 1), (1, 2), (2, 5)] {
@@ -667,15 +837,120 @@ pub(crate) mod tests {
         assert_eq!(s.batches.len(), 1);
         assert_eq!(s.batches[0].desc.lower(), &frontier(0));
         assert_eq!(s.batches[0].desc.upper(), &frontier(5));
+        // Data whose parts start at the batch's lower takes over the empty
+        // batch's interval; an empty append extends the data batch.
         s.compare_and_append(&batch(5, 6, 1), w, IdempotencyToken::new(), 1, 10)
             .unwrap();
         s.compare_and_append(&batch(6, 7, 0), w, IdempotencyToken::new(), 1, 10)
             .unwrap();
+        assert_eq!(s.batches.len(), 1);
+        assert_eq!(s.batches[0].desc.lower(), &frontier(0));
+        assert_eq!(s.batches[0].desc.upper(), &frontier(7));
+        assert_eq!(s.batches[0].parts.len(), 1);
+        // Data batches are never merged by appends.
+        s.compare_and_append(&batch(7, 8, 1), w, IdempotencyToken::new(), 1, 10)
+            .unwrap();
+        assert_eq!(s.batches.len(), 2);
+        // A batch whose parts hold updates before its lower (an append
+        // moved the lower forward) cannot take over an empty interval:
+        // those updates would fall into it.
+        s.compare_and_append(&batch(8, 9, 0), w, IdempotencyToken::new(), 1, 10)
+            .unwrap();
+        let mut early = batch(9, 10, 1);
+        early.parts[0].ts_lower = 3u64.to_le_bytes();
+        let mut s2 = state();
+        s2.compare_and_append(&batch(0, 9, 0), w, IdempotencyToken::new(), 1, 10)
+            .unwrap();
+        s2.compare_and_append(&early, w, IdempotencyToken::new(), 1, 10)
+            .unwrap();
+        assert_eq!(s2.batches.len(), 2);
+        assert_eq!(s2.batches[1].desc.lower(), &frontier(9));
+    }
+
+    #[test]
+    fn compaction_policy_keeps_batches_geometric() {
+        let mut s = state();
+        let w = WriterId::new();
+        // Appends of one update each, compacting whatever the policy asks
+        // for after each (with a stand-in merge that keeps every update).
+        for i in 0..1000u64 {
+            s.compare_and_append(&batch(i, i + 1, 1), w, IdempotencyToken::new(), 1, 10)
+                .unwrap();
+            while let Some(req) = s.compaction_request() {
+                let first = &req.inputs[0];
+                let last = &req.inputs[req.inputs.len() - 1];
+                let mut out = batch(0, 1, 1);
+                out.desc = Description::new(
+                    first.desc.lower().clone(),
+                    last.desc.upper().clone(),
+                    req.since.clone(),
+                );
+                out.len = req.inputs.iter().map(|b| b.len).sum();
+                out.parts[0].ts_lower = 0u64.to_le_bytes();
+                assert_eq!(
+                    s.apply_compaction(&req.inputs, out.clone()),
+                    CompactionOutcome::Applied
+                );
+                assert_eq!(
+                    s.apply_compaction(&req.inputs, out),
+                    CompactionOutcome::AlreadyApplied
+                );
+            }
+            let n = i + 1;
+            let bound = 2 * (64 - n.leading_zeros()) as usize;
+            assert!(
+                s.batches.len() <= bound,
+                "{} batches after {n}",
+                s.batches.len()
+            );
+            // Sizes fall geometrically from the oldest batch.
+            for pair in s.batches.windows(2) {
+                assert!(
+                    pair[0].len >= 2 * pair[1].len,
+                    "{:?}",
+                    s.batches.iter().map(|b| b.len).collect::<Vec<_>>()
+                );
+            }
+        }
+        assert_eq!(s.batches.iter().map(|b| b.len).sum::<u64>(), 1000);
+    }
+
+    #[test]
+    fn compaction_is_refused_once_its_inputs_changed() {
+        let mut s = state();
+        let w = WriterId::new();
+        s.compare_and_append(&batch(0, 1, 1), w, IdempotencyToken::new(), 1, 10)
+            .unwrap();
+        s.compare_and_append(&batch(1, 2, 1), w, IdempotencyToken::new(), 1, 10)
+            .unwrap();
+        let req = s.compaction_request().unwrap();
+        let mut out = batch(0, 2, 1);
+        out.len = 2;
+        // An empty append extends the last input: still applicable, and
+        // the output covers the extension.
+        s.compare_and_append(&batch(2, 3, 0), w, IdempotencyToken::new(), 1, 10)
+            .unwrap();
+        let mut other = s.clone();
         assert_eq!(
-            s.batches.len(),
-            3,
-            "data batches are never merged by appends"
+            s.apply_compaction(&req.inputs, out.clone()),
+            CompactionOutcome::Applied
         );
+        assert_eq!(s.batches.len(), 1);
+        assert_eq!(s.batches[0].desc.upper(), &frontier(3));
+        // A competing merge of the same inputs applied first: this one is
+        // superseded and changes nothing.
+        let mut competitor = batch(0, 2, 1);
+        competitor.len = 2;
+        assert_eq!(
+            other.apply_compaction(&req.inputs, competitor),
+            CompactionOutcome::Applied
+        );
+        let before = other.clone();
+        assert_eq!(
+            other.apply_compaction(&req.inputs, out),
+            CompactionOutcome::Superseded
+        );
+        assert_eq!(other, before);
     }
 
     #[test]
@@ -854,7 +1129,7 @@ pub(crate) mod tests {
 
     #[test]
     fn snapshots_with_partially_ordered_times() {
-        type T = Product<u64, u64>;
+        type T = Product<u32, u32>;
         let f = |a, b| Antichain::from_elem(Product::new(a, b));
         let mut s: State<T> = State::new(ShardId::new(), codecs(), 0);
         let w = WriterId::new();

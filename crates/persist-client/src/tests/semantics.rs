@@ -611,7 +611,8 @@ async fn metrics_count_appends_bytes_and_handles() {
         "persist_blob_bytes_total{op=\"set\"}",
         "persist_blob_bytes_total{op=\"get\"}",
         "persist_consensus_seconds_count{op=\"compare_and_set\"}",
-        "persist_state_bytes",
+        "persist_state_entry_bytes",
+        "persist_batches",
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
@@ -623,7 +624,7 @@ async fn metrics_count_appends_bytes_and_handles() {
         1
     );
     assert!(
-        m.state_bytes
+        m.state_entry_bytes
             .with_label_values(&[shard_label.as_str()])
             .get()
             > 0
