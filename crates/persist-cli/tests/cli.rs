@@ -162,12 +162,13 @@ fn inspect_state_shows_upper_batches_and_no_leftover_handles() {
     let shard = demo(dir.path(), 3);
     let state = json(&persistcli_ok(&["inspect", "state", &shard], dir.path()));
     assert_eq!(state["shard_id"], shard.as_str());
-    // Time 0 is left empty; batches 1, 2 and 3 hold the updates.
+    // Batches at times 1, 2 and 3 hold the updates (background compaction
+    // may have merged some of them by now).
     assert_eq!(state["upper"], serde_json::json!(["4"]));
     let batches = state["batches"].as_array().unwrap();
-    assert_eq!(batches.len(), 4, "{state:#}");
+    assert!((1..=4).contains(&batches.len()), "{state:#}");
     let lens: Vec<_> = batches.iter().map(|b| b["len"].as_u64().unwrap()).collect();
-    assert_eq!(lens, [0, 300, 300, 300]);
+    assert_eq!(lens.iter().sum::<u64>(), 900, "{state:#}");
     assert_eq!(state["codecs"]["ts"], "u64");
     // The demo expires its handles.
     assert_eq!(state["writers"], serde_json::json!({}));
@@ -213,7 +214,7 @@ fn inspect_blob_lists_the_parts_of_the_shard() {
         })
         .collect();
     parts.sort();
-    assert_eq!(parts.len(), 3);
+    assert!((1..=3).contains(&parts.len()), "{state:#}");
 
     let blobs = json(&persistcli_ok(&["inspect", "blob", &shard], dir.path()));
     let listed: Vec<(String, u64)> = blobs["blobs"]
@@ -227,11 +228,15 @@ fn inspect_blob_lists_the_parts_of_the_shard() {
             )
         })
         .collect();
-    assert_eq!(listed, parts, "{blobs:#}");
-    assert_eq!(blobs["count"], 3);
+    // Every part state references is listed; so may be parts compaction
+    // replaced that garbage collection has not deleted yet, and rollups.
+    for part in &parts {
+        assert!(listed.contains(part), "{part:?} missing from {blobs:#}");
+    }
+    assert_eq!(blobs["count"].as_u64().unwrap(), listed.len() as u64);
     assert_eq!(
         blobs["total_bytes"].as_u64().unwrap(),
-        parts.iter().map(|(_, size)| size).sum::<u64>()
+        listed.iter().map(|(_, size)| size).sum::<u64>()
     );
     assert!(listed.iter().all(|(key, _)| !key.starts_with(&other)));
 }
@@ -241,11 +246,13 @@ fn finalize_refuses_an_open_shard_and_succeeds_after_close() {
     let dir = tempfile::tempdir().unwrap();
     let shard = demo(dir.path(), 2);
 
+    let before = json(&persistcli_ok(&["inspect", "blob", &shard], dir.path()));
     let stderr = persistcli_err(&["admin", "finalize", &shard], dir.path());
     assert!(stderr.contains("still open"), "{stderr}");
     assert!(stderr.contains("persistcli admin close"), "{stderr}");
     let blobs = json(&persistcli_ok(&["inspect", "blob", &shard], dir.path()));
-    assert_eq!(blobs["count"], 2, "a refused finalize deletes nothing");
+    assert!(blobs["count"].as_u64().unwrap() >= 1);
+    assert_eq!(blobs, before, "a refused finalize deletes nothing");
 
     let stdout = persistcli_ok(&["admin", "close", &shard], dir.path());
     assert!(stdout.contains("closed shard"), "{stdout}");

@@ -439,12 +439,22 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> PartWriter<T> {
         }))
     }
 
-    /// Deletes parts this writer wrote and no state references (best
-    /// effort: a failure leaks them).
+    /// Deletes parts this writer wrote and no state references, retrying
+    /// a few failures of each delete (deletes are idempotent). Best effort:
+    /// a part still failing after that is left behind (logged), to be
+    /// removed with the shard when it is finalized.
     pub async fn delete_parts(&self, parts: &[HollowPart]) {
+        const ATTEMPTS: usize = 6;
         for part in parts {
-            if let Err(err) = self.blob.delete(&part.key).await {
-                tracing::warn!(shard = %self.shard_id, key = %part.key, %err, "could not delete part");
+            let mut backoff = Backoff::new(&self.cfg.get());
+            for attempt in 1..=ATTEMPTS {
+                match self.blob.delete(&part.key).await {
+                    Ok(_) => break,
+                    Err(err) if attempt == ATTEMPTS => {
+                        tracing::warn!(shard = %self.shard_id, key = %part.key, %err, "could not delete part; leaving it");
+                    }
+                    Err(err) => backoff.wait("delete part", self.shard_id, &err).await,
+                }
             }
         }
     }

@@ -13,6 +13,7 @@ use timely::progress::{Antichain, Timestamp};
 use crate::{Diagnostics, FetchedUpdate, Listen, PersistClient, ReadHandle, WriteHandle};
 
 mod api;
+mod compaction;
 mod read;
 mod review;
 mod semantics;
