@@ -454,3 +454,31 @@ fn controller_demo_finalizes_the_dropped_table_and_reruns_with_a_new_epoch() {
         "--data-dir is used"
     );
 }
+
+#[test]
+fn admin_compact_merges_the_batches_of_a_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = demo(dir.path(), 6);
+    let stdout = persistcli_ok(&["admin", "compact", &shard], dir.path());
+    assert!(stdout.contains("compacted shard"), "{stdout}");
+    let state = json(&persistcli_ok(&["inspect", "state", &shard], dir.path()));
+    let batches = state["batches"].as_array().unwrap();
+    // Six equal batches merge geometrically down to very few.
+    assert!(batches.len() <= 3, "{state:#}");
+    let total: u64 = batches.iter().map(|b| b["len"].as_u64().unwrap()).sum();
+    assert_eq!(total, 1800, "{state:#}");
+    // The data reads back the same.
+    let stdout = persistcli_ok(
+        &[
+            "demo",
+            "--shard",
+            &shard,
+            "--batches",
+            "1",
+            "--batch-size",
+            "10",
+        ],
+        dir.path(),
+    );
+    assert!(stdout.contains("verified"), "{stdout}");
+}
