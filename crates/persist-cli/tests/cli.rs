@@ -288,6 +288,7 @@ fn new_subcommands_name_a_bad_location_and_fail() {
     let bad_blob = ["--blob", "ftp://example/x"];
     for command in [
         &["demo"][..],
+        &["bench", "--appends", "1"],
         &["inspect", "state", shard],
         &["inspect", "blob", shard],
         &["admin", "close", shard],
