@@ -8,6 +8,7 @@
 #![allow(clippy::print_stdout)]
 
 mod admin;
+mod bench;
 mod check;
 mod controller;
 mod demo;
@@ -52,6 +53,12 @@ enum Command {
     /// batches at consecutive times, reads them back by snapshot and by
     /// listen, and checks both against what was written.
     Demo(demo::Args),
+    /// Appends small batches to a new shard at a target rate with writers
+    /// and listening readers for a while, printing rates, latencies and the
+    /// shard's health (batches in state, state size, consensus entries,
+    /// blob bytes against live data, time to open) and checking them
+    /// against the shard-health targets.
+    Bench(bench::Args),
     /// Shows a shard's state or blobs as JSON.
     #[command(subcommand)]
     Inspect(inspect::Command),
@@ -90,6 +97,7 @@ async fn main() -> Result<()> {
             let client = open_client(&location).await?;
             demo::run(&location, &client, args).await
         }
+        Command::Bench(args) => bench::run(&location, args).await,
         Command::Inspect(command) => inspect::run(&location, command).await,
         Command::Admin(command) => admin::run(&location, command).await,
         Command::Controller(command) => controller::run(&location, command).await,
