@@ -420,9 +420,26 @@ impl PersistClient {
         let machine = self.machine::<K, V, T, D>(shard_id).await?;
         // Start from the latest state: this process may hold none yet.
         machine.fetch_latest().await?;
-        let (_, batches) = machine.snapshot(&as_of).await?.map_err(Since)?;
-        let parts = parts_of(shard_id, &batches, &FetchFilter::Snapshot { as_of }, None);
-        fetch_consolidated(&self.part_reader(&machine), &parts, key_schema, val_schema).await
+        let mut attempts = 0;
+        loop {
+            let (state, batches) = machine.snapshot(&as_of).await?.map_err(Since)?;
+            let filter = FetchFilter::Snapshot {
+                as_of: as_of.clone(),
+            };
+            let parts = parts_of(shard_id, &batches, &filter, None);
+            let reader = self.part_reader(&machine);
+            match fetch_consolidated(&reader, &parts, key_schema, val_schema).await {
+                // Holding no lease, the read may lose a part to compaction
+                // and garbage collection: a newer state has the same data
+                // in other parts.
+                Err(ClientError::Shard(ShardError::Part { .. }))
+                    if attempts < 5 && machine.fetch_latest().await?.seqno > state.seqno =>
+                {
+                    attempts += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Whether `shard_id` was finalized by [`PersistClient::finalize_shard`].

@@ -383,9 +383,9 @@ impl<T: Timestamp + Lattice + Codec64> State<T> {
         self.batches.push(batch);
     }
 
-    /// The next merge the compaction policy asks for, if any: two adjacent
-    /// batches where the older holds fewer than twice the updates of the
-    /// newer, the newest such pair first. Merging only such pairs keeps
+    /// The next merge the compaction policy asks for, if any: adjacent
+    /// batches where each older one holds fewer than twice the updates of
+    /// the next (the newest such run, as long as it goes). Merging only such pairs keeps
     /// batch sizes falling geometrically from oldest to newest (as in
     /// differential dataflow's spine), so a shard has a number of batches
     /// logarithmic in its updates, and each update is rewritten a
@@ -394,12 +394,20 @@ impl<T: Timestamp + Lattice + Codec64> State<T> {
         if self.is_tombstone() {
             return None;
         }
-        let i = (1..self.batches.len()).rev().find(|&i| {
+        let eligible = |i: usize| {
             let (older, newer) = (&self.batches[i - 1], &self.batches[i]);
             older.len < newer.len.saturating_mul(2)
-        })?;
+        };
+        let end = (1..self.batches.len()).rev().find(|&i| eligible(i))?;
+        // Extend to the whole run of comparable batches: when compaction
+        // lags behind appends, one merge catches up with all of them
+        // instead of one merge per pair (each rewriting the growing result).
+        let mut start = end;
+        while start > 1 && eligible(start - 1) {
+            start -= 1;
+        }
         Some(CompactionRequest {
-            inputs: self.batches[i - 1..=i].to_vec(),
+            inputs: self.batches[start - 1..=end].to_vec(),
             since: self.since.clone(),
         })
     }
