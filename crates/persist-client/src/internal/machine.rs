@@ -197,6 +197,68 @@ pub(crate) fn apply_entry<T: Timestamp + Lattice + Codec64>(
     })
 }
 
+/// Reads the latest state of a shard from the newest rollup in blob and
+/// the diffs after it, so that opening costs one rollup and fewer than
+/// `rollup_interval` diffs however far garbage collection lags behind.
+/// `None` if there is no rollup or the log no longer follows on from it
+/// (the caller then reads the log from its oldest entry).
+async fn read_from_newest_rollup<T: Timestamp + Lattice + Codec64>(
+    consensus: &dyn Consensus,
+    blob: &dyn Blob,
+    cfg: &DynamicConfig,
+    shard_id: ShardId,
+) -> Result<Option<State<T>>, MachineError> {
+    let prefix = format!("{shard_id}/rollup/");
+    let mut backoff = Backoff::new(&cfg.get());
+    let mut newest: Option<SeqNo> = None;
+    loop {
+        let mut found = None;
+        let listed = blob
+            .list_keys_and_metadata(&prefix, &mut |m| {
+                let seqno = m.key.strip_prefix(&prefix).and_then(|s| s.parse().ok());
+                found = found.max(seqno.map(SeqNo));
+            })
+            .await;
+        match listed {
+            Ok(()) => {
+                newest = newest.max(found);
+                break;
+            }
+            Err(err) => backoff.wait("list rollups", shard_id, &err).await,
+        }
+    }
+    let Some(seqno) = newest else {
+        return Ok(None);
+    };
+    let mut backoff = Backoff::new(&cfg.get());
+    let bytes = loop {
+        match blob.get(&rollup_key(shard_id, seqno)).await {
+            Ok(bytes) => break bytes,
+            Err(err) => backoff.wait("read rollup", shard_id, &err).await,
+        }
+    };
+    // Collected meanwhile: read the log instead.
+    let Some(bytes) = bytes else { return Ok(None) };
+    let mut state = decode_state::<T>(shard_id, &bytes).map_err(|source| MachineError::Decode {
+        shard: shard_id,
+        source,
+    })?;
+    if state.seqno != seqno {
+        return Err(MachineError::Decode {
+            shard: shard_id,
+            source: StateDecodeError::Corrupt(format!("rollup {seqno} holds state {}", state.seqno)),
+        });
+    }
+    let entries = scan_from(consensus, cfg, shard_id, seqno.next()).await;
+    if entries.first().is_some_and(|e| e.seqno != seqno.next()) {
+        return Ok(None);
+    }
+    for entry in &entries {
+        apply_entry(shard_id, &mut state, entry)?;
+    }
+    Ok(Some(state))
+}
+
 /// How often opening a shard re-reads its log when the rollup its oldest
 /// entry needs has vanished (garbage collection moved on meanwhile).
 const OPEN_ATTEMPTS: usize = 8;
@@ -214,6 +276,9 @@ pub(crate) async fn read_state<T: Timestamp + Lattice + Codec64>(
         shard: shard_id,
         source,
     };
+    if let Some(state) = read_from_newest_rollup::<T>(consensus, blob, cfg, shard_id).await? {
+        return Ok(Some(state));
+    }
     for _ in 0..OPEN_ATTEMPTS {
         let entries = scan_from(consensus, cfg, shard_id, SeqNo::minimum()).await;
         let Some(first) = entries.first() else {
