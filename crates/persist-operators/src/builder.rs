@@ -416,3 +416,285 @@ impl<'scope, T: Timestamp> AsyncOperatorBuilder<'scope, T> {
         button
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+    use std::rc::Rc;
+    use std::time::{Duration, Instant};
+
+    use timely::dataflow::channels::pact::{Exchange, Pipeline};
+    use timely::dataflow::operators::vec::Input;
+    use timely::dataflow::operators::{Inspect, Probe};
+    use timely::progress::Antichain;
+
+    use super::*;
+
+    /// Fails a test that stops making progress instead of hanging it.
+    const GUARD: Duration = Duration::from_secs(60);
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    }
+
+    /// Runs `func` on `workers` timely workers and returns their results.
+    fn on_workers<R: Send + 'static>(
+        workers: usize,
+        func: impl Fn(&mut timely::worker::Worker) -> R + Send + Sync + 'static,
+    ) -> Vec<R> {
+        timely::execute(timely::Config::process(workers), move |w| func(w))
+            .expect("timely starts")
+            .join()
+            .into_iter()
+            .map(|r| r.expect("worker succeeds"))
+            .collect()
+    }
+
+    /// Forwards each record (times ten) with the capability it came with and
+    /// reports every input event it sees.
+    #[test]
+    fn inputs_outputs_and_frontiers_in_order() {
+        for workers in [1, 4] {
+            let rt = runtime();
+            let handle = rt.handle().clone();
+            let results = on_workers(workers, move |worker| {
+                let seen = Rc::new(RefCell::new(Vec::new()));
+                let out = Rc::new(RefCell::new(Vec::new()));
+                let (mut input, probe, _button) = worker.dataflow::<u64, _, _>(|scope| {
+                    let (input, stream) = scope.new_input::<u64>();
+                    let mut builder =
+                        AsyncOperatorBuilder::new("times_ten".into(), scope, handle.clone());
+                    let (mut output, result) = builder.new_output::<u64>();
+                    let mut data = builder.new_input_for(
+                        stream,
+                        Exchange::new(|x: &u64| *x),
+                        &[output.index()],
+                    );
+                    let events = Rc::clone(&seen);
+                    let button = builder.build(move |caps| async move {
+                        drop(caps);
+                        while let Some(event) = data.next().await {
+                            match event {
+                                Event::Data { time, caps, data } => {
+                                    assert_eq!(caps.len(), 1);
+                                    assert_eq!(caps[0].time(), &time);
+                                    events.borrow_mut().push(format!("data@{time}"));
+                                    output.give_iterator(&caps[0], data.into_iter().map(|x| x * 10));
+                                }
+                                Event::Progress(f) => {
+                                    events.borrow_mut().push(format!("progress{:?}", f.elements()))
+                                }
+                            }
+                        }
+                        events.borrow_mut().push("end".into());
+                    });
+                    let sink = Rc::clone(&out);
+                    let (probe, _) = result
+                        .inspect_time(move |t, x| sink.borrow_mut().push((*t, *x)))
+                        .probe();
+                    (input, probe, button)
+                });
+                let index = worker.index() as u64;
+                for round in 0..3u64 {
+                    input.send(round * 100 + index);
+                    input.advance_to(round + 1);
+                    let start = Instant::now();
+                    while probe.less_than(&(round + 1)) {
+                        assert!(start.elapsed() < GUARD, "stuck at round {round}");
+                        worker.step();
+                    }
+                }
+                drop(input);
+                while !probe.done() {
+                    worker.step();
+                }
+                let seen = seen.borrow().clone();
+                let out = out.borrow().clone();
+                (seen, out)
+            });
+            let mut all: Vec<(u64, u64)> = results.iter().flat_map(|(_, o)| o.clone()).collect();
+            all.sort();
+            let mut expected: Vec<(u64, u64)> = (0..3u64)
+                .flat_map(|r| (0..workers as u64).map(move |i| (r, (r * 100 + i) * 10)))
+                .collect();
+            expected.sort();
+            assert_eq!(all, expected, "{workers} workers");
+            for (seen, _) in &results {
+                // Every worker sees its frontier advance to 1, 2, 3, then
+                // end; data at a time comes before the progress past it.
+                let progress: Vec<_> = seen.iter().filter(|e| e.starts_with("progress")).collect();
+                assert_eq!(progress, ["progress[1]", "progress[2]", "progress[3]", "progress[]"]);
+                assert_eq!(seen.last().map(String::as_str), Some("end"));
+                for (i, event) in seen.iter().enumerate() {
+                    if let Some(t) = event.strip_prefix("data@") {
+                        let t: u64 = t.parse().unwrap();
+                        let later = format!("progress[{}]", t + 1);
+                        assert!(!seen[..i].contains(&later), "{seen:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// An operator with no input is rescheduled only by its waker: a tokio
+    /// timer firing on another thread must wake it.
+    #[test]
+    fn woken_by_io_on_the_runtime() {
+        let rt = runtime();
+        let handle = rt.handle().clone();
+        let results = on_workers(2, move |worker| {
+            let out = Rc::new(RefCell::new(Vec::new()));
+            let sink = Rc::clone(&out);
+            let (probe, _button) = worker.dataflow::<u64, _, _>(|scope| {
+                let mut builder = AsyncOperatorBuilder::new("timer".into(), scope, handle.clone());
+                let (mut output, stream) = builder.new_output::<&'static str>();
+                let button = builder.build(move |mut caps| async move {
+                    let mut cap = caps.remove(0);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    output.give(&cap, "after sleep");
+                    cap.downgrade(&5);
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let _ = tx.send("from a task");
+                    });
+                    let msg = rx.await.unwrap_or("dropped");
+                    output.give(&cap, msg);
+                });
+                let (probe, _) = stream.inspect_time(move |t, x| sink.borrow_mut().push((*t, *x))).probe();
+                (probe, button)
+            });
+            let start = Instant::now();
+            while !probe.done() {
+                assert!(start.elapsed() < GUARD, "never woken");
+                // Parking without a timeout: only an activation wakes us.
+                worker.step_or_park(None);
+            }
+            let out = out.borrow().clone();
+            out
+        });
+        for out in results {
+            assert_eq!(out, vec![(0, "after sleep"), (5, "from a task")]);
+        }
+    }
+
+    /// Dropping the button drops the future and releases its capabilities,
+    /// even while it waits forever.
+    #[test]
+    fn dropping_the_button_shuts_the_operator_down() {
+        let rt = runtime();
+        let handle = rt.handle().clone();
+        let results = on_workers(2, move |worker| {
+            let dropped = Rc::new(Cell::new(false));
+            let flag = Rc::clone(&dropped);
+            let (mut input, probe, button) = worker.dataflow::<u64, _, _>(|scope| {
+                let (input, stream) = scope.new_input::<u64>();
+                let mut builder = AsyncOperatorBuilder::new("stuck".into(), scope, handle.clone());
+                let (_output, out) = builder.new_output::<u64>();
+                let _data = builder.new_disconnected_input(stream, Pipeline);
+                struct OnDrop(Rc<Cell<bool>>);
+                impl Drop for OnDrop {
+                    fn drop(&mut self) {
+                        self.0.set(true);
+                    }
+                }
+                let button = builder.build(move |caps| async move {
+                    let _caps = caps;
+                    let _on_drop = OnDrop(flag);
+                    std::future::pending::<()>().await;
+                });
+                let (probe, _) = out.probe();
+                (input, probe, button)
+            });
+            for t in 1..10 {
+                input.send(t);
+                input.advance_to(t);
+                worker.step();
+            }
+            let held = probe.with_frontier(|f| f.to_owned());
+            drop(button);
+            let start = Instant::now();
+            while !probe.done() {
+                assert!(start.elapsed() < GUARD, "not shut down");
+                worker.step();
+            }
+            // The input keeps flowing (and is discarded) after shutdown.
+            input.send(99);
+            input.advance_to(100);
+            worker.step();
+            (held, dropped.get())
+        });
+        for (held, dropped) in results {
+            assert_eq!(held, Antichain::from_elem(0), "the future held its capability");
+            assert!(dropped, "the future was dropped");
+        }
+    }
+
+    /// Many workers send to one: the operator on worker 0 sums each time's
+    /// records once its input frontier passes the time.
+    #[test]
+    fn several_workers_feed_one_aggregating_operator() {
+        let workers = 4;
+        let rt = runtime();
+        let handle = rt.handle().clone();
+        let results = on_workers(workers, move |worker| {
+            let out = Rc::new(RefCell::new(Vec::new()));
+            let sink = Rc::clone(&out);
+            let (mut input, probe, _button) = worker.dataflow::<u64, _, _>(|scope| {
+                let (input, stream) = scope.new_input::<u64>();
+                let mut builder = AsyncOperatorBuilder::new("sum".into(), scope, handle.clone());
+                let (mut output, sums) = builder.new_output::<(u64, u64)>();
+                let mut data = builder.new_disconnected_input(stream, Exchange::new(|_| 0));
+                let button = builder.build(move |mut caps| async move {
+                    let mut cap = caps.remove(0);
+                    let mut pending: BTreeMap<u64, u64> = BTreeMap::new();
+                    while let Some(event) = data.next().await {
+                        match event {
+                            Event::Data { time, caps, data } => {
+                                assert!(caps.is_empty(), "disconnected inputs carry no capabilities");
+                                *pending.entry(time).or_default() += data.iter().sum::<u64>();
+                            }
+                            Event::Progress(frontier) => {
+                                let done: Vec<u64> =
+                                    pending.keys().copied().filter(|t| !frontier.less_equal(t)).collect();
+                                for t in done {
+                                    let sum = pending.remove(&t).unwrap_or_default();
+                                    output.give(&cap.delayed(&t), (t, sum));
+                                }
+                                match frontier.as_option() {
+                                    Some(&f) => cap.downgrade(&f.max(*cap.time())),
+                                    None => return,
+                                }
+                            }
+                        }
+                    }
+                });
+                let (probe, _) = sums.inspect(move |x| sink.borrow_mut().push(*x)).probe();
+                (input, probe, button)
+            });
+            for t in 0..5u64 {
+                input.send(t + 1);
+                input.send(10);
+                input.advance_to(t + 1);
+            }
+            drop(input);
+            let start = Instant::now();
+            while !probe.done() {
+                assert!(start.elapsed() < GUARD, "stuck");
+                worker.step();
+            }
+            let out = out.borrow().clone();
+            out
+        });
+        let mut all: Vec<(u64, u64)> = results.into_iter().flatten().collect();
+        all.sort();
+        let expected: Vec<(u64, u64)> =
+            (0..5u64).map(|t| (t, workers as u64 * (t + 1 + 10))).collect();
+        assert_eq!(all, expected);
+    }
+}

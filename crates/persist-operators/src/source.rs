@@ -142,8 +142,7 @@ impl<K: Codec, V: Codec, T> ShardSourceArgs<K, V, T> {
 
 /// The collections a [`shard_source`] produces, and the token that keeps
 /// it running.
-#[derive(Debug)]
-pub struct SourceOutput<'scope, K, V, T: Timestamp, D> {
+pub struct SourceOutput<'scope, K: 'static, V: 'static, T: Timestamp, D: 'static> {
     /// The shard's updates: every update at a time not at or after `until`,
     /// with times not beyond the `as_of` advanced to it (with
     /// [`SnapshotMode::Exclude`], only updates after the `as_of`).
@@ -153,6 +152,14 @@ pub struct SourceOutput<'scope, K, V, T: Timestamp, D> {
     pub err: VecCollection<'scope, T, SourceError, i64>,
     /// Dropping it shuts the source's operators down.
     pub token: SourceToken,
+}
+
+impl<K, V, T: Timestamp, D> Debug for SourceOutput<'_, K, V, T, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceOutput")
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Keeps a source's operators running; dropping it shuts them down (their
@@ -212,7 +219,7 @@ where
 
     let (descs, descs_err, descs_button) =
         render_descs::<K, V, T, D, F>(scope, &args, chosen_worker, Rc::clone(&shared), should_fetch_part);
-    let returns_button = render_returns::<T>(scope, &args, chosen_worker, returns, shared);
+    let returns_button = render_returns::<K, V, T, D>(scope, &args, chosen_worker, returns, shared);
     let (ok, fetch_err, fetched, fetch_button) = render_fetch::<K, V, T, D>(descs, &args);
     fetched.connect_loop(returns_handle);
 

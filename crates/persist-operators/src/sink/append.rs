@@ -14,7 +14,7 @@ use crate::record::Record;
 type SinkBatch<K, V, E> = Batch<Record<K, V, E>, (), u64, i64>;
 
 /// The appending worker's view.
-struct AppendState<K, V, E> {
+struct AppendState<K: SinkData, V: SinkData, E: SinkData> {
     writer: SinkWriteHandle<K, V, E>,
     /// No batch for a lower before this frontier will arrive any more.
     batches_frontier: Antichain<u64>,

@@ -91,7 +91,8 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
             .chain(errs.into_iter().map(|(e, t, r)| ((Record::Error(e), ()), t, r)));
         match writer.batch(updates, desc.lower.clone(), desc.upper.clone()).await {
             Ok(batch) => {
-                debug!(?desc, count, "wrote a batch");
+                let buffered = self.ok.len() + self.err.len();
+                debug!(?desc, count, buffered, "wrote a batch");
                 Some((batch.into_transmittable_batch(), cap))
             }
             Err(err) => {
@@ -127,8 +128,8 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
     );
     let (mut batches_out, batches) = builder.new_output::<TransmittableBatch>();
     // Desired and persist must meet on the same worker to cancel out.
-    let by_ok = |((kv, _, _)): &((K, V), u64, i64)| kv.hashed();
-    let by_err = |((e, _, _)): &(E, u64, i64)| e.hashed();
+    let by_ok = |(kv, _, _): &((K, V), u64, i64)| kv.hashed();
+    let by_err = |(e, _, _): &(E, u64, i64)| e.hashed();
     let mut desired_ok = builder.new_disconnected_input(desired_ok, Exchange::new(by_ok));
     let mut desired_err = builder.new_disconnected_input(desired_err, Exchange::new(by_err));
     let mut persist_ok = builder.new_disconnected_input(persist_ok, Exchange::new(by_ok));
