@@ -68,6 +68,7 @@ fn run_source(
     configure: impl Fn(Source) -> Source + Send + Sync + 'static,
     wait_for: Option<u64>,
 ) -> (Vec<Update>, Vec<(SourceError, u64, i64)>, Vec<Antichain<u64>>) {
+    let barrier = Arc::new(std::sync::Barrier::new(workers));
     let results = on_workers(workers, move |worker| {
         let oks = Rc::new(RefCell::new(Vec::new()));
         let errs = Rc::new(RefCell::new(Vec::new()));
@@ -88,6 +89,9 @@ fn run_source(
             None => step_until(worker, "the source to finish", || probe.done()),
         }
         let frontier = probe.with_frontier(|f| f.to_owned());
+        // No worker shuts its operators down (dropping the token) before
+        // every worker has seen the frontier.
+        barrier.wait();
         let oks = oks.borrow().clone();
         let errs = errs.borrow().clone();
         (oks, errs, frontier)
@@ -310,7 +314,9 @@ fn as_of_before_since_is_an_error_not_a_panic() {
             let (probe, _) = out.ok.inner.probe();
             (probe, out.token)
         });
-        step_until(worker, "the error", || !errs.borrow().is_empty());
+        step_until(worker, "the error and the as_of", || {
+            !errs.borrow().is_empty() && !probe.less_than(&2)
+        });
         let errs = errs.borrow().clone();
         (errs, probe.with_frontier(|f| f.to_owned()))
     });
