@@ -177,7 +177,7 @@ fn cluster_child() {
         }
         drop(input);
         step_until(worker, "the read back", || probe.done());
-        assert!(token.persisted_frontier().is_empty());
+        step_until(worker, "the sink to see the seal", || token.persisted_frontier().is_empty());
         let collected = collected.borrow().clone();
         collected
     })
