@@ -10,6 +10,7 @@
 mod admin;
 mod check;
 mod controller;
+mod dataflow;
 mod demo;
 mod inspect;
 mod types;
@@ -52,6 +53,11 @@ enum Command {
     /// batches at consecutive times, reads them back by snapshot and by
     /// listen, and checks both against what was written.
     Demo(demo::Args),
+    /// Maintains a derived collection (a count per key of generated events)
+    /// in a new shard with a timely dataflow and `persist_sink`, follows the
+    /// shard with `shard_source` in a second dataflow, and checks that what
+    /// was read equals what was desired at every time.
+    DataflowDemo(dataflow::Args),
     /// Shows a shard's state or blobs as JSON.
     #[command(subcommand)]
     Inspect(inspect::Command),
@@ -89,6 +95,10 @@ async fn main() -> Result<()> {
         Command::Demo(args) => {
             let client = open_client(&location).await?;
             demo::run(&location, &client, args).await
+        }
+        Command::DataflowDemo(args) => {
+            let client = open_client(&location).await?;
+            dataflow::run(&location, &client, args).await
         }
         Command::Inspect(command) => inspect::run(&location, command).await,
         Command::Admin(command) => admin::run(&location, command).await,
