@@ -99,13 +99,22 @@ pub async fn run(location: &PersistLocation, client: &PersistClient, args: &Args
     println!("location   {location}");
     println!("shard id: {shard}");
     let runtime = tokio::runtime::Handle::current();
-    let (workers, times, events_per_time, keys) = (args.workers, args.times, args.events, args.keys);
+    let (workers, times, events_per_time, keys) =
+        (args.workers, args.times, args.events, args.keys);
     let client = client.clone();
     let start = Instant::now();
     let results = tokio::task::spawn_blocking(move || {
         let workers = usize::try_from(workers).unwrap_or(1);
         timely::execute(timely::Config::process(workers), move |worker| {
-            run_worker(worker, &client, shard, &runtime, times, events_per_time, keys)
+            run_worker(
+                worker,
+                &client,
+                shard,
+                &runtime,
+                times,
+                events_per_time,
+                keys,
+            )
         })
         .map_err(|err| anyhow!("start timely: {err}"))
         .map(|guards| guards.join())
@@ -136,7 +145,9 @@ pub async fn run(location: &PersistLocation, client: &PersistClient, args: &Args
         times * events_per_time,
         elapsed.as_secs_f64()
     );
-    println!("verified: what the source read equals the desired collection at every time 0..{times}");
+    println!(
+        "verified: what the source read equals the desired collection at every time 0..{times}"
+    );
     Ok(())
 }
 
@@ -183,7 +194,9 @@ fn run_worker(
             .inner
             .inspect(move |((record, ()), t, r)| {
                 if let Record::Data(k, v) = record {
-                    collected.borrow_mut().push(((k.clone(), v.clone()), *t, *r));
+                    collected
+                        .borrow_mut()
+                        .push(((k.clone(), v.clone()), *t, *r));
                 }
             })
             .probe();

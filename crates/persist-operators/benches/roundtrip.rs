@@ -144,7 +144,11 @@ fn baseline(rt: &tokio::runtime::Runtime, opts: &Opts) -> Run {
                 .map(|i| ((key(t, i), format!("v{i}")), t, 1))
                 .collect();
             write
-                .compare_and_append(&updates, Antichain::from_elem(t), Antichain::from_elem(t + 1))
+                .compare_and_append(
+                    &updates,
+                    Antichain::from_elem(t),
+                    Antichain::from_elem(t + 1),
+                )
                 .await
                 .unwrap()
                 .unwrap();

@@ -44,8 +44,8 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::{Scope, Stream, StreamVec};
-use timely::progress::{Antichain, Timestamp};
 use timely::progress::frontier::MutableAntichain;
+use timely::progress::{Antichain, Timestamp};
 use timely::scheduling::{Activator, SyncActivator};
 
 /// Something that happened at an [`AsyncInput`].
@@ -280,11 +280,16 @@ impl<'scope, T: Timestamp> AsyncOperatorBuilder<'scope, T> {
     /// Adds an output of records `D`, connected to no input created so
     /// far. Its initial capability (at the minimum time) is the one with
     /// the output's index in the vector the future's constructor receives.
-    pub fn new_output<D: Clone + 'static>(&mut self) -> (AsyncOutput<T, D>, StreamVec<'scope, T, D>) {
+    pub fn new_output<D: Clone + 'static>(
+        &mut self,
+    ) -> (AsyncOutput<T, D>, StreamVec<'scope, T, D>) {
         let index = self.builder.shape().outputs();
-        let (output, stream) = self
-            .builder
-            .new_output_connection::<Vec<D>, _>(std::iter::empty::<(usize, Antichain<T::Summary>)>());
+        let (output, stream) =
+            self.builder
+                .new_output_connection::<Vec<D>, _>(std::iter::empty::<(
+                    usize,
+                    Antichain<T::Summary>,
+                )>());
         let output = AsyncOutput {
             index,
             output: OutputBuilder::from(output),
@@ -337,35 +342,36 @@ impl<'scope, T: Timestamp> AsyncOperatorBuilder<'scope, T> {
         }));
         let shared = Rc::clone(&queue);
         let outputs = outputs.to_vec();
-        self.pumps.push(Box::new(move |frontier: &MutableAntichain<T>| {
-            let mut queue = shared.borrow_mut();
-            if Rc::strong_count(&shared) == 1 {
-                // The future dropped the input: discard its data.
-                queue.events.clear();
-                handle.for_each(|_cap, data| data.clear());
-                return;
-            }
-            let before = queue.events.len();
-            handle.for_each(|cap, data| {
-                let caps = outputs.iter().map(|&o| cap.retain(o)).collect();
-                queue.events.push_back(Event::Data {
-                    time: cap.time().clone(),
-                    caps,
-                    data: std::mem::take(data),
-                });
-            });
-            if !queue.closed && frontier.frontier() != queue.frontier.borrow() {
-                queue.frontier = frontier.frontier().to_owned();
-                queue.closed = queue.frontier.is_empty();
-                let progress = Event::Progress(queue.frontier.clone());
-                queue.events.push_back(progress);
-            }
-            if queue.events.len() != before {
-                if let Some(waker) = queue.waker.take() {
-                    waker.wake();
+        self.pumps
+            .push(Box::new(move |frontier: &MutableAntichain<T>| {
+                let mut queue = shared.borrow_mut();
+                if Rc::strong_count(&shared) == 1 {
+                    // The future dropped the input: discard its data.
+                    queue.events.clear();
+                    handle.for_each(|_cap, data| data.clear());
+                    return;
                 }
-            }
-        }));
+                let before = queue.events.len();
+                handle.for_each(|cap, data| {
+                    let caps = outputs.iter().map(|&o| cap.retain(o)).collect();
+                    queue.events.push_back(Event::Data {
+                        time: cap.time().clone(),
+                        caps,
+                        data: std::mem::take(data),
+                    });
+                });
+                if !queue.closed && frontier.frontier() != queue.frontier.borrow() {
+                    queue.frontier = frontier.frontier().to_owned();
+                    queue.closed = queue.frontier.is_empty();
+                    let progress = Event::Progress(queue.frontier.clone());
+                    queue.events.push_back(progress);
+                }
+                if queue.events.len() != before {
+                    if let Some(waker) = queue.waker.take() {
+                        waker.wake();
+                    }
+                }
+            }));
         AsyncInput { queue }
     }
 
@@ -484,11 +490,12 @@ mod tests {
                                     assert_eq!(caps.len(), 1);
                                     assert_eq!(caps[0].time(), &time);
                                     events.borrow_mut().push(format!("data@{time}"));
-                                    output.give_iterator(&caps[0], data.into_iter().map(|x| x * 10));
+                                    output
+                                        .give_iterator(&caps[0], data.into_iter().map(|x| x * 10));
                                 }
-                                Event::Progress(f) => {
-                                    events.borrow_mut().push(format!("progress{:?}", f.elements()))
-                                }
+                                Event::Progress(f) => events
+                                    .borrow_mut()
+                                    .push(format!("progress{:?}", f.elements())),
                             }
                         }
                         events.borrow_mut().push("end".into());
@@ -528,7 +535,10 @@ mod tests {
                 // Every worker sees its frontier advance to 1, 2, 3, then
                 // end; data at a time comes before the progress past it.
                 let progress: Vec<_> = seen.iter().filter(|e| e.starts_with("progress")).collect();
-                assert_eq!(progress, ["progress[1]", "progress[2]", "progress[3]", "progress[]"]);
+                assert_eq!(
+                    progress,
+                    ["progress[1]", "progress[2]", "progress[3]", "progress[]"]
+                );
                 assert_eq!(seen.last().map(String::as_str), Some("end"));
                 for (i, event) in seen.iter().enumerate() {
                     if let Some(t) = event.strip_prefix("data@") {
@@ -566,7 +576,9 @@ mod tests {
                     let msg = rx.await.unwrap_or("dropped");
                     output.give(&cap, msg);
                 });
-                let (probe, _) = stream.inspect_time(move |t, x| sink.borrow_mut().push((*t, *x))).probe();
+                let (probe, _) = stream
+                    .inspect_time(move |t, x| sink.borrow_mut().push((*t, *x)))
+                    .probe();
                 (probe, button)
             });
             let start = Instant::now();
@@ -630,7 +642,11 @@ mod tests {
             (held, dropped.get())
         });
         for (held, dropped) in results {
-            assert_eq!(held, Antichain::from_elem(0), "the future held its capability");
+            assert_eq!(
+                held,
+                Antichain::from_elem(0),
+                "the future held its capability"
+            );
             assert!(dropped, "the future was dropped");
         }
     }
@@ -656,12 +672,18 @@ mod tests {
                     while let Some(event) = data.next().await {
                         match event {
                             Event::Data { time, caps, data } => {
-                                assert!(caps.is_empty(), "disconnected inputs carry no capabilities");
+                                assert!(
+                                    caps.is_empty(),
+                                    "disconnected inputs carry no capabilities"
+                                );
                                 *pending.entry(time).or_default() += data.iter().sum::<u64>();
                             }
                             Event::Progress(frontier) => {
-                                let done: Vec<u64> =
-                                    pending.keys().copied().filter(|t| !frontier.less_equal(t)).collect();
+                                let done: Vec<u64> = pending
+                                    .keys()
+                                    .copied()
+                                    .filter(|t| !frontier.less_equal(t))
+                                    .collect();
                                 for t in done {
                                     let sum = pending.remove(&t).unwrap_or_default();
                                     output.give(&cap.delayed(&t), (t, sum));
@@ -693,8 +715,9 @@ mod tests {
         });
         let mut all: Vec<(u64, u64)> = results.into_iter().flatten().collect();
         all.sort();
-        let expected: Vec<(u64, u64)> =
-            (0..5u64).map(|t| (t, workers as u64 * (t + 1 + 10))).collect();
+        let expected: Vec<(u64, u64)> = (0..5u64)
+            .map(|t| (t, workers as u64 * (t + 1 + 10)))
+            .collect();
         assert_eq!(all, expected);
     }
 }

@@ -217,8 +217,13 @@ where
     let (returns_handle, returns) = scope.feedback::<Vec<SerdeLeasedBatchPart>>(Default::default());
     let shared = Rc::new(RefCell::new(ChosenState::default()));
 
-    let (descs, descs_err, descs_button) =
-        render_descs::<K, V, T, D, F>(scope, &args, chosen_worker, Rc::clone(&shared), should_fetch_part);
+    let (descs, descs_err, descs_button) = render_descs::<K, V, T, D, F>(
+        scope,
+        &args,
+        chosen_worker,
+        Rc::clone(&shared),
+        should_fetch_part,
+    );
     let returns_button = render_returns::<K, V, T, D>(scope, &args, chosen_worker, returns, shared);
     let (ok, fetch_err, fetched, fetch_button) = render_fetch::<K, V, T, D>(descs, &args);
     fetched.connect_loop(returns_handle);
@@ -254,7 +259,10 @@ impl<K: Codec, V: Codec, T, D> Default for ChosenState<K, V, T, D> {
 
 /// Downgrades every capability to the single element of `frontier`, or
 /// drops them all if it is empty.
-fn downgrade_all<T: Timestamp + TotalOrder>(caps: &mut Vec<Capability<T>>, frontier: &Antichain<T>) {
+fn downgrade_all<T: Timestamp + TotalOrder>(
+    caps: &mut Vec<Capability<T>>,
+    frontier: &Antichain<T>,
+) {
     match frontier.as_option() {
         Some(t) => {
             for cap in caps.iter_mut() {
@@ -307,11 +315,19 @@ where
         if worker != chosen_worker {
             return;
         }
-        let stopped = |reason: String, caps: &Vec<Capability<T>>, err_out: &mut AsyncOutput<T, _>| {
-            error!(%shard, source = %name, %reason, "shard_source stopped");
-            let cap = &caps[1];
-            err_out.give(cap, (SourceError::Stopped { shard, reason }, cap.time().clone(), 1));
-        };
+        let stopped =
+            |reason: String, caps: &Vec<Capability<T>>, err_out: &mut AsyncOutput<T, _>| {
+                error!(%shard, source = %name, %reason, "shard_source stopped");
+                let cap = &caps[1];
+                err_out.give(
+                    cap,
+                    (
+                        SourceError::Stopped { shard, reason },
+                        cap.time().clone(),
+                        1,
+                    ),
+                );
+            };
         let diagnostics = Diagnostics::from_purpose(&format!("shard_source({name})"));
         let reader = client
             .open_leased_reader::<K, V, T, D>(shard, key_schema, val_schema, diagnostics)
@@ -336,7 +352,11 @@ where
             SnapshotMode::Include => match reader.snapshot(as_of.clone()).await {
                 Ok(parts) => parts,
                 Err(err) => {
-                    stopped(format!("cannot snapshot at {as_of:?}: {err}"), &caps, &mut err_out);
+                    stopped(
+                        format!("cannot snapshot at {as_of:?}: {err}"),
+                        &caps,
+                        &mut err_out,
+                    );
                     return std::future::pending().await;
                 }
             },
@@ -344,23 +364,24 @@ where
         };
         let returner = reader.lease_returner();
         shared.borrow_mut().returner = Some(returner.clone());
-        let mut emit = |parts: Vec<LeasedBatchPart<T>>,
-                        frontier: &Antichain<T>,
-                        cap: &Capability<T>,
-                        out: &mut AsyncOutput<T, (u64, SerdeLeasedBatchPart)>| {
-            let mut batch = Vec::with_capacity(parts.len());
-            for part in parts {
-                if !should_fetch_part(&part.stats(), frontier.borrow()) {
-                    trace!(%shard, "part skipped by its statistics");
-                    returner.return_leased_part(part);
-                    continue;
+        let mut emit =
+            |parts: Vec<LeasedBatchPart<T>>,
+             frontier: &Antichain<T>,
+             cap: &Capability<T>,
+             out: &mut AsyncOutput<T, (u64, SerdeLeasedBatchPart)>| {
+                let mut batch = Vec::with_capacity(parts.len());
+                for part in parts {
+                    if !should_fetch_part(&part.stats(), frontier.borrow()) {
+                        trace!(%shard, "part skipped by its statistics");
+                        returner.return_leased_part(part);
+                        continue;
+                    }
+                    let part = part.into_exchangeable_part();
+                    let target = part.key().hashed() % peers;
+                    batch.push((target, part));
                 }
-                let part = part.into_exchangeable_part();
-                let target = part.key().hashed() % peers;
-                batch.push((target, part));
-            }
-            out.give_container(cap, &mut batch);
-        };
+                out.give_container(cap, &mut batch);
+            };
         if PartialOrder::less_equal(&until, &frontier) {
             return;
         }
@@ -368,7 +389,11 @@ where
         let mut listen = match reader.listen(as_of.clone()).await {
             Ok(listen) => listen,
             Err(err) => {
-                stopped(format!("cannot listen from {as_of:?}: {err}"), &caps, &mut err_out);
+                stopped(
+                    format!("cannot listen from {as_of:?}: {err}"),
+                    &caps,
+                    &mut err_out,
+                );
                 return std::future::pending().await;
             }
         };
@@ -376,7 +401,11 @@ where
             let (parts, progress) = match listen.next().await {
                 Ok(next) => next,
                 Err(err) => {
-                    stopped(format!("listen failed at {frontier:?}: {err}"), &caps, &mut err_out);
+                    stopped(
+                        format!("listen failed at {frontier:?}: {err}"),
+                        &caps,
+                        &mut err_out,
+                    );
                     return std::future::pending().await;
                 }
             };
@@ -489,7 +518,10 @@ where
                 let key = part.key().to_owned();
                 let part = LeasedBatchPart::<T>::from_exchangeable(part);
                 let fetched = match &fetcher {
-                    Ok(fetcher) => fetcher.fetch_leased_part(&part).await.map_err(|e| e.to_string()),
+                    Ok(fetcher) => fetcher
+                        .fetch_leased_part(&part)
+                        .await
+                        .map_err(|e| e.to_string()),
                     Err(err) => Err(err.clone()),
                 };
                 match fetched {

@@ -33,7 +33,9 @@ type Row = Record<String, String, String>;
 async fn client_of(dir: &Path) -> PersistClient {
     let location = PersistLocation::embedded(dir);
     let blob = open_blob(&location.blob_uri).await.expect("blob");
-    let consensus = open_consensus(&location.consensus_uri).await.expect("consensus");
+    let consensus = open_consensus(&location.consensus_uri)
+        .await
+        .expect("consensus");
     PersistClient::new(PersistConfig::default(), blob, consensus)
 }
 
@@ -80,7 +82,12 @@ fn two_processes_roundtrip_over_loopback() {
     let children: Vec<Child> = (0..2)
         .map(|process| {
             Command::new(&exe)
-                .args(["--exact", "cluster_child", "--include-ignored", "--nocapture"])
+                .args([
+                    "--exact",
+                    "cluster_child",
+                    "--include-ignored",
+                    "--nocapture",
+                ])
                 .env(
                     ROLE,
                     format!("{process};{addresses};{};{shard}", dir.path().display()),
@@ -152,8 +159,13 @@ fn cluster_child() {
             (input, token)
         });
         let sink_collected = Rc::clone(&collected);
-        let source = ShardSourceArgs::<Row, (), u64>::new("cluster-reader", client.clone(), shard, handle.clone())
-            .as_of(Antichain::from_elem(0));
+        let source = ShardSourceArgs::<Row, (), u64>::new(
+            "cluster-reader",
+            client.clone(),
+            shard,
+            handle.clone(),
+        )
+        .as_of(Antichain::from_elem(0));
         let (probe, _source) = worker.dataflow(|scope| {
             let out = shard_source::<Row, (), u64, i64, _>(scope, source, |_, _| true);
             let (probe, _) = out
@@ -161,7 +173,9 @@ fn cluster_child() {
                 .inner
                 .inspect(move |((row, ()), t, r)| {
                     if let Record::Data(k, v) = row {
-                        sink_collected.borrow_mut().push(((k.clone(), v.clone()), *t, *r));
+                        sink_collected
+                            .borrow_mut()
+                            .push(((k.clone(), v.clone()), *t, *r));
                     }
                 })
                 .probe();
@@ -177,7 +191,9 @@ fn cluster_child() {
         }
         drop(input);
         step_until(worker, "the read back", || probe.done());
-        step_until(worker, "the sink to see the seal", || token.persisted_frontier().is_empty());
+        step_until(worker, "the sink to see the seal", || {
+            token.persisted_frontier().is_empty()
+        });
         let collected = collected.borrow().clone();
         collected
     })

@@ -14,10 +14,10 @@ use persist_operators::{
     PersistSinkArgs, Record, RecordSchema, ShardSourceArgs, SinkToken, persist_sink, shard_source,
 };
 use persist_types::ShardId;
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Inspect, Probe};
-use timely::container::CapacityContainerBuilder;
 use timely::dataflow::{InputHandle, Scope};
 use timely::progress::Antichain;
 use tokio::sync::watch;
@@ -29,7 +29,10 @@ type Sink = PersistSinkArgs<String, String, String>;
 fn sink_of<'scope>(
     scope: Scope<'scope, u64>,
     args: Sink,
-) -> (InputHandle<u64, CapacityContainerBuilder<Vec<Update>>>, SinkToken) {
+) -> (
+    InputHandle<u64, CapacityContainerBuilder<Vec<Update>>>,
+    SinkToken,
+) {
     let (input, ok) = scope.new_input::<Update>();
     let (_errs_input, errs) = scope.new_input::<(String, u64, i64)>();
     let token = persist_sink(ok.as_collection(), errs.as_collection(), args);
@@ -71,7 +74,12 @@ fn expected(workers: usize, times: u64) -> Vec<Update> {
 }
 
 /// Reads the shard's contents at `time` with the client.
-fn snapshot(rt: &tokio::runtime::Runtime, client: &PersistClient, shard: ShardId, time: u64) -> Vec<Update> {
+fn snapshot(
+    rt: &tokio::runtime::Runtime,
+    client: &PersistClient,
+    shard: ShardId,
+    time: u64,
+) -> Vec<Update> {
     rt.block_on(async {
         let mut reader = client
             .open_leased_reader::<Row, (), u64, i64>(
@@ -131,9 +139,8 @@ fn roundtrip_equals_the_input_at_every_time() {
             let args = Sink::new("roundtrip", c.clone(), shard, handle.clone());
             let (mut input, token) = worker.dataflow(|scope| sink_of(scope, args));
             let sink_collected = Rc::clone(&collected);
-            let (probe, _source) = worker.dataflow(|scope| {
-                read_back(scope, "reader", &c, shard, &handle, sink_collected)
-            });
+            let (probe, _source) = worker
+                .dataflow(|scope| read_back(scope, "reader", &c, shard, &handle, sink_collected));
             let me = worker.index();
             for t in 0..TIMES {
                 for u in generated(me, t) {
@@ -147,7 +154,9 @@ fn roundtrip_equals_the_input_at_every_time() {
             drop(input);
             step_until(worker, "the read back", || probe.done());
             // The sink reads its own shard back: it sees the seal too.
-            step_until(worker, "the sink to see the seal", || token.persisted_frontier().is_empty());
+            step_until(worker, "the sink to see the seal", || {
+                token.persisted_frontier().is_empty()
+            });
             let collected = collected.borrow().clone();
             collected
         });
@@ -158,7 +167,11 @@ fn roundtrip_equals_the_input_at_every_time() {
     }
 }
 
-fn snapshot_sorted(rt: &tokio::runtime::Runtime, client: &PersistClient, shard: ShardId) -> Vec<((String, String), i64)> {
+fn snapshot_sorted(
+    rt: &tokio::runtime::Runtime,
+    client: &PersistClient,
+    shard: ShardId,
+) -> Vec<((String, String), i64)> {
     // A sealed shard can be read at any time; read at the last one.
     at(&snapshot(rt, client, shard, TIMES), TIMES)
 }
@@ -182,9 +195,8 @@ fn two_replicas_converge() {
             let (mut input_a, token_a) = worker.dataflow(|scope| sink_of(scope, a));
             let (mut input_b, token_b) = worker.dataflow(|scope| sink_of(scope, b));
             let sink_collected = Rc::clone(&collected);
-            let (probe, _source) = worker.dataflow(|scope| {
-                read_back(scope, "reader", &c, shard, &handle, sink_collected)
-            });
+            let (probe, _source) = worker
+                .dataflow(|scope| read_back(scope, "reader", &c, shard, &handle, sink_collected));
             let me = worker.index();
             for t in 0..TIMES {
                 for u in generated(me, t) {
@@ -262,9 +274,8 @@ fn restarted_sink_corrects_wrong_contents() {
             let args = Sink::new("restarted", c.clone(), shard, handle.clone());
             let (mut input, token) = worker.dataflow(|scope| sink_of(scope, args));
             let sink_collected = Rc::clone(&collected);
-            let (probe, _source) = worker.dataflow(|scope| {
-                read_back(scope, "reader", &c, shard, &handle, sink_collected)
-            });
+            let (probe, _source) = worker
+                .dataflow(|scope| read_back(scope, "reader", &c, shard, &handle, sink_collected));
             let me = worker.index();
             for t in 0..TIMES {
                 for u in generated(me, t) {
@@ -296,7 +307,10 @@ fn read_only_writes_nothing_until_switched() {
         let rt = runtime();
         let client = rt.block_on(PersistClient::new_for_tests());
         let (control, quiet) = (ShardId::new(), ShardId::new());
-        let _holds = [hold_since(&rt, &client, control), hold_since(&rt, &client, quiet)];
+        let _holds = [
+            hold_since(&rt, &client, control),
+            hold_since(&rt, &client, quiet),
+        ];
         let handle = rt.handle().clone();
         let c = client.clone();
         let results = on_workers(workers, move |worker| {
@@ -319,11 +333,16 @@ fn read_only_writes_nothing_until_switched() {
                 }
                 input.advance_to(t + 1);
             }
-            step_until(worker, "the writable sink", || !control_token.less_equal(&5));
+            step_until(worker, "the writable sink", || {
+                !control_token.less_equal(&5)
+            });
             let upper_before = handle
                 .block_on(c.fetch_recent_upper::<Row, (), u64, i64>(quiet))
                 .expect("upper");
-            assert!(quiet_token.less_equal(&0), "nothing persisted by the read-only sink");
+            assert!(
+                quiet_token.less_equal(&0),
+                "nothing persisted by the read-only sink"
+            );
             tx.send(false).expect("sink alive");
             step_until(worker, "the switched sink", || !quiet_token.less_equal(&5));
             drop(input);
@@ -369,6 +388,9 @@ fn errors_roundtrip_as_error_rows() {
     });
     let err = ("error".to_owned(), "division by zero".to_owned());
     let kv = ("k".to_owned(), "v".to_owned());
-    assert_eq!(at(&snapshot(&rt, &client, shard, 2), 2), vec![(err, 1), (kv.clone(), 1)]);
+    assert_eq!(
+        at(&snapshot(&rt, &client, shard, 2), 2),
+        vec![(err, 1), (kv.clone(), 1)]
+    );
     assert_eq!(at(&snapshot(&rt, &client, shard, 4), 4), vec![(kv, 1)]);
 }

@@ -67,16 +67,27 @@ fn run_source(
     rt: tokio::runtime::Handle,
     configure: impl Fn(Source) -> Source + Send + Sync + 'static,
     wait_for: Option<u64>,
-) -> (Vec<Update>, Vec<(SourceError, u64, i64)>, Vec<Antichain<u64>>) {
+) -> (
+    Vec<Update>,
+    Vec<(SourceError, u64, i64)>,
+    Vec<Antichain<u64>>,
+) {
     let barrier = Arc::new(std::sync::Barrier::new(workers));
     let results = on_workers(workers, move |worker| {
         let oks = Rc::new(RefCell::new(Vec::new()));
         let errs = Rc::new(RefCell::new(Vec::new()));
         let (ok_sink, err_sink) = (Rc::clone(&oks), Rc::clone(&errs));
-        let args = configure(Source::new("test_source", client.clone(), shard, rt.clone()));
+        let args = configure(Source::new(
+            "test_source",
+            client.clone(),
+            shard,
+            rt.clone(),
+        ));
         let (probe, _token) = worker.dataflow::<u64, _, _>(|scope| {
             let out = shard_source::<String, String, u64, i64, _>(scope, args, |_, _| true);
-            out.err.inner.inspect(move |x| err_sink.borrow_mut().push(x.clone()));
+            out.err
+                .inner
+                .inspect(move |x| err_sink.borrow_mut().push(x.clone()));
             let (probe, _) = out
                 .ok
                 .inner
@@ -173,11 +184,17 @@ fn snapshot_then_listen_until() {
             client,
             shard,
             rt.handle().clone(),
-            |a| a.as_of(Antichain::from_elem(4)).until(Antichain::from_elem(8)),
+            |a| {
+                a.as_of(Antichain::from_elem(4))
+                    .until(Antichain::from_elem(8))
+            },
             None,
         );
         assert!(errs.is_empty());
-        assert!(frontiers.iter().all(|f| f.is_empty()), "until completes the source");
+        assert!(
+            frontiers.iter().all(|f| f.is_empty()),
+            "until completes the source"
+        );
         oks.sort();
         let mut expected: Vec<Update> = all
             .iter()
@@ -283,12 +300,18 @@ fn undecodable_data_goes_to_the_error_collection() {
             client.clone(),
             shard,
             rt.handle().clone(),
-            |a| a.as_of(Antichain::from_elem(0)).until(Antichain::from_elem(3)),
+            |a| {
+                a.as_of(Antichain::from_elem(0))
+                    .until(Antichain::from_elem(3))
+            },
             None,
         );
         assert_eq!(oks, vec![(("good".to_owned(), "v".to_owned()), 1, 1)]);
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert!(matches!(errs[0].0, SourceError::UndecodableKey { .. }), "{errs:?}");
+        assert!(
+            matches!(errs[0].0, SourceError::UndecodableKey { .. }),
+            "{errs:?}"
+        );
         assert_eq!((errs[0].1, errs[0].2), (2, 1));
     }
 }
@@ -310,7 +333,9 @@ fn as_of_before_since_is_an_error_not_a_panic() {
             .as_of(Antichain::from_elem(2));
         let (probe, _token) = worker.dataflow::<u64, _, _>(|scope| {
             let out = shard_source::<String, String, u64, i64, _>(scope, args, |_, _| true);
-            out.err.inner.inspect(move |x| sink.borrow_mut().push(x.clone()));
+            out.err
+                .inner
+                .inspect(move |x| sink.borrow_mut().push(x.clone()));
             let (probe, _) = out.ok.inner.probe();
             (probe, out.token)
         });
@@ -347,7 +372,11 @@ fn parts_rejected_by_statistics_are_skipped() {
                 *seen2.borrow_mut() += 1;
                 stats.len == 0
             });
-            let (probe, _) = out.ok.inner.inspect(move |_| *count2.borrow_mut() += 1).probe();
+            let (probe, _) = out
+                .ok
+                .inner
+                .inspect(move |_| *count2.borrow_mut() += 1)
+                .probe();
             (probe, out.token)
         });
         step_until(worker, "the source to finish", || probe.done());

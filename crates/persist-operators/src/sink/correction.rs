@@ -163,7 +163,10 @@ mod tests {
     #[test]
     fn advancing_the_since_merges_times() {
         let mut c = Correction::new();
-        c.insert(vec![("a", 1, 1), ("a", 2, -1), ("b", 2, 1), ("c", 7, 1)], false);
+        c.insert(
+            vec![("a", 1, 1), ("a", 2, -1), ("b", 2, 1), ("c", 7, 1)],
+            false,
+        );
         c.advance_since(&upto(5));
         assert_eq!(c.updates_before(&upto(6)), vec![("b", 5, 1)]);
         // Later inserts before the since land at it.
@@ -183,7 +186,11 @@ mod tests {
             c.insert(adds, false);
             let subs: Vec<_> = (0..1000u64).map(|k| (k, 3, 1)).collect();
             c.insert(subs, true);
-            assert!(c.len() <= 2 * 2000 + CONSOLIDATE_SLACK, "round {round}: {}", c.len());
+            assert!(
+                c.len() <= 2 * 2000 + CONSOLIDATE_SLACK,
+                "round {round}: {}",
+                c.len()
+            );
         }
         assert!(c.updates_before(&upto(4)).is_empty());
     }

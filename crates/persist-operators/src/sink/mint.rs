@@ -55,7 +55,10 @@ impl MintState {
 }
 
 /// Sends a data event's records on, with the capability it came with.
-fn pass_through<D: Clone + 'static>(event: Event<u64, D>, out: &mut AsyncOutput<u64, D>) -> Option<Antichain<u64>> {
+fn pass_through<D: Clone + 'static>(
+    event: Event<u64, D>,
+    out: &mut AsyncOutput<u64, D>,
+) -> Option<Antichain<u64>> {
     match event {
         Event::Data { caps, mut data, .. } => {
             if let Some(cap) = caps.first() {

@@ -179,7 +179,12 @@ pub(crate) struct BatchDescription {
 
 impl Debug for BatchDescription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "[{:?}, {:?})", self.lower.elements(), self.upper.elements())
+        write!(
+            f,
+            "[{:?}, {:?})",
+            self.lower.elements(),
+            self.upper.elements()
+        )
     }
 }
 
@@ -283,21 +288,15 @@ where
     persist.err.inner.inspect(move |(err, time, _)| {
         tracing::error!(%shard, sink = %sink_name, %err, time, "sink cannot read back its shard");
     });
-    let (persist_ok, persist_err) = persist
-        .ok
-        .inner
-        .ok_err::<Vec<_>, _, Vec<_>, _, _>(|((record, ()), time, diff)| match record {
+    let (persist_ok, persist_err) = persist.ok.inner.ok_err::<Vec<_>, _, Vec<_>, _, _>(
+        |((record, ()), time, diff)| match record {
             Record::Data(key, val) => Ok(((key, val), time, diff)),
             Record::Error(err) => Err((err, time, diff)),
-        });
+        },
+    );
     let (persisted, persist_ok) = persist_ok.probe();
 
-    let mint = mint::render(
-        &args,
-        active_worker,
-        desired_ok.inner,
-        desired_err.inner,
-    );
+    let mint = mint::render(&args, active_worker, desired_ok.inner, desired_err.inner);
     let write = write::render(
         &args,
         mint.desired_ok,

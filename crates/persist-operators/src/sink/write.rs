@@ -11,7 +11,9 @@ use timely::progress::Antichain;
 use tracing::{debug, error, trace};
 
 use super::correction::Correction;
-use super::{BatchDescription, PersistSinkArgs, SinkData, SinkWriteHandle, advance, meet, open_writer};
+use super::{
+    BatchDescription, PersistSinkArgs, SinkData, SinkWriteHandle, advance, meet, open_writer,
+};
 use crate::builder::{AsyncInput, AsyncOperatorBuilder, Event, ShutdownButton};
 use crate::record::Record;
 
@@ -88,8 +90,14 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
         let updates = oks
             .into_iter()
             .map(|((k, v), t, r)| ((Record::Data(k, v), ()), t, r))
-            .chain(errs.into_iter().map(|(e, t, r)| ((Record::Error(e), ()), t, r)));
-        match writer.batch(updates, desc.lower.clone(), desc.upper.clone()).await {
+            .chain(
+                errs.into_iter()
+                    .map(|(e, t, r)| ((Record::Error(e), ()), t, r)),
+            );
+        match writer
+            .batch(updates, desc.lower.clone(), desc.upper.clone())
+            .await
+        {
             Ok(batch) => {
                 let buffered = self.ok.len() + self.err.len();
                 debug!(?desc, count, buffered, "wrote a batch");

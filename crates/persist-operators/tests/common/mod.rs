@@ -66,7 +66,11 @@ pub fn assert_equal_at<D: Ord + Clone + std::fmt::Debug>(
     times: impl IntoIterator<Item = u64>,
 ) {
     for t in times {
-        assert_eq!(at(actual, t), at(expected, t), "contents differ at time {t}");
+        assert_eq!(
+            at(actual, t),
+            at(expected, t),
+            "contents differ at time {t}"
+        );
     }
 }
 
@@ -75,7 +79,11 @@ pub fn assert_equal_at<D: Ord + Clone + std::fmt::Debug>(
 pub fn generated(worker: usize, time: u64) -> Vec<Update> {
     let mut out = Vec::new();
     for i in 0..5u64 {
-        out.push(((format!("w{worker}-t{time}-{i}"), format!("v{}", time * i)), time, 1));
+        out.push((
+            (format!("w{worker}-t{time}-{i}"), format!("v{}", time * i)),
+            time,
+            1,
+        ));
     }
     if time >= 2 {
         let old = time - 2;
