@@ -49,7 +49,7 @@ type Update = (Row, u64, i64);
 fn events(t: u64, i: u64, keys: u64) -> Vec<(String, u64, i64)> {
     let key = |n: u64| format!("key-{:03}", n.wrapping_mul(2_654_435_761) % keys);
     let mut out = vec![(key(t * 7919 + i), t, 1)];
-    if t % 2 == 1 && i % 3 == 0 {
+    if !t.is_multiple_of(2) && i.is_multiple_of(3) {
         out.push((key((t - 1) * 7919 + i), t, -1));
     }
     out

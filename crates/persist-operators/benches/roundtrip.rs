@@ -217,7 +217,7 @@ fn operators(rt: &tokio::runtime::Runtime, opts: &Opts, workers: usize) -> Run {
             (probe, out.token)
         });
         let seen = Rc::new(RefCell::new(Vec::new()));
-        let mut record = |probe: &timely::dataflow::operators::probe::Handle<u64>| {
+        let record = |probe: &timely::dataflow::operators::probe::Handle<u64>| {
             let f = probe.with_frontier(|f| f.as_option().copied().unwrap_or(u64::MAX));
             let mut seen = seen.borrow_mut();
             if seen.last().is_none_or(|(last, _)| *last < f) {
@@ -253,8 +253,7 @@ fn operators(rt: &tokio::runtime::Runtime, opts: &Opts, workers: usize) -> Run {
     })
     .unwrap()
     .join();
-    let run = timings.lock().unwrap().take().unwrap();
-    run
+    timings.lock().unwrap().take().unwrap()
 }
 
 fn main() {

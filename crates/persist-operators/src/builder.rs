@@ -108,6 +108,7 @@ impl<T: Timestamp, D> AsyncInput<T, D> {
     /// that is `Progress` of the empty antichain).
     ///
     /// Cancel-safe: an event is removed only when the future resolves.
+    #[allow(clippy::should_implement_trait)] // async, unlike `Iterator::next`
     pub fn next(&mut self) -> impl Future<Output = Option<Event<T, D>>> + '_ {
         std::future::poll_fn(move |cx| self.poll_next(cx))
     }
@@ -366,10 +367,10 @@ impl<'scope, T: Timestamp> AsyncOperatorBuilder<'scope, T> {
                     let progress = Event::Progress(queue.frontier.clone());
                     queue.events.push_back(progress);
                 }
-                if queue.events.len() != before {
-                    if let Some(waker) = queue.waker.take() {
-                        waker.wake();
-                    }
+                if queue.events.len() != before
+                    && let Some(waker) = queue.waker.take()
+                {
+                    waker.wake();
                 }
             }));
         AsyncInput { queue }
@@ -587,8 +588,7 @@ mod tests {
                 // Parking without a timeout: only an activation wakes us.
                 worker.step_or_park(None);
             }
-            let out = out.borrow().clone();
-            out
+            out.borrow().clone()
         });
         for out in results {
             assert_eq!(out, vec![(0, "after sleep"), (5, "from a task")]);
@@ -710,8 +710,7 @@ mod tests {
                 assert!(start.elapsed() < GUARD, "stuck");
                 worker.step();
             }
-            let out = out.borrow().clone();
-            out
+            out.borrow().clone()
         });
         let mut all: Vec<(u64, u64)> = results.into_iter().flatten().collect();
         all.sort();

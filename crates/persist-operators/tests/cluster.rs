@@ -194,8 +194,7 @@ fn cluster_child() {
         step_until(worker, "the sink to see the seal", || {
             token.persisted_frontier().is_empty()
         });
-        let collected = collected.borrow().clone();
-        collected
+        collected.borrow().clone()
     })
     .expect("timely cluster starts");
     let mut lines = String::new();

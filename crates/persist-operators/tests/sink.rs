@@ -157,8 +157,7 @@ fn roundtrip_equals_the_input_at_every_time() {
             step_until(worker, "the sink to see the seal", || {
                 token.persisted_frontier().is_empty()
             });
-            let collected = collected.borrow().clone();
-            collected
+            collected.borrow().clone()
         });
         let actual: Vec<Update> = results.into_iter().flatten().collect();
         let expected = expected(workers, TIMES);
@@ -220,8 +219,7 @@ fn two_replicas_converge() {
             drop(input_a);
             drop(input_b);
             step_until(worker, "the read back", || probe.done());
-            let collected = collected.borrow().clone();
-            collected
+            collected.borrow().clone()
         });
         let actual: Vec<Update> = results.into_iter().flatten().collect();
         let expected = expected(workers, TIMES);
@@ -286,8 +284,7 @@ fn restarted_sink_corrects_wrong_contents() {
             step_until(worker, "the sink", || !token.less_equal(&(TIMES - 1)));
             drop(input);
             step_until(worker, "the read back", || probe.done());
-            let collected = collected.borrow().clone();
-            collected
+            collected.borrow().clone()
         });
         let actual: Vec<Update> = results.into_iter().flatten().collect();
         let expected = expected(workers, TIMES);

@@ -67,11 +67,7 @@ fn run_source(
     rt: tokio::runtime::Handle,
     configure: impl Fn(Source) -> Source + Send + Sync + 'static,
     wait_for: Option<u64>,
-) -> (
-    Vec<Update>,
-    Vec<(SourceError, u64, i64)>,
-    Vec<Antichain<u64>>,
-) {
+) -> SourceRun {
     let barrier = Arc::new(std::sync::Barrier::new(workers));
     let results = on_workers(workers, move |worker| {
         let oks = Rc::new(RefCell::new(Vec::new()));
@@ -117,6 +113,14 @@ fn run_source(
     }
     (oks, errs, frontiers)
 }
+
+/// What a source run collected over all workers: ok records, err records,
+/// and each worker's final frontier.
+type SourceRun = (
+    Vec<Update>,
+    Vec<(SourceError, u64, i64)>,
+    Vec<Antichain<u64>>,
+);
 
 fn data(times: std::ops::Range<u64>) -> Vec<Update> {
     times

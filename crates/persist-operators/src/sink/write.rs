@@ -49,10 +49,10 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
         let persist = self.persist();
         self.ok.advance_since(&persist);
         self.err.advance_since(&persist);
-        if let Some((desc, _)) = &self.desc {
-            if PartialOrder::less_than(&desc.lower, &persist) {
-                self.desc = None;
-            }
+        if let Some((desc, _)) = &self.desc
+            && PartialOrder::less_than(&desc.lower, &persist)
+        {
+            self.desc = None;
         }
     }
 
@@ -198,11 +198,11 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
                     },
                 },
                 Some(event) = next_or_done(&mut descs) => {
-                    if let Event::Data { caps, data, .. } = event {
-                        if let Some(cap) = caps.into_iter().next() {
-                            for desc in data {
-                                state.absorb(desc, cap.clone());
-                            }
+                    if let Event::Data { caps, data, .. } = event
+                        && let Some(cap) = caps.into_iter().next()
+                    {
+                        for desc in data {
+                            state.absorb(desc, cap.clone());
                         }
                     }
                 },
