@@ -6,8 +6,9 @@
 //! time) with at most `--window` times in flight (written but not yet read
 //! back), into a fresh shard on a `file://` blob and `sqlite://` consensus in
 //! a temporary directory. Reported per run: updates/s end to end, and the
-//! frontier lag (from the writer finishing time `t` to the reader's frontier
-//! passing `t`), p50 and p99.
+//! frontier lag (from time `t` being complete at the writer, i.e. the
+//! baseline starting its append or the operators' input advancing past `t`,
+//! to the reader's frontier passing `t`), p50 and p99.
 //!
 //! ```sh
 //! cargo bench -p persist-operators --bench roundtrip -- [--updates 20000] [--times 40] [--window 4] [--workers 1,2]
@@ -143,6 +144,9 @@ fn baseline(rt: &tokio::runtime::Runtime, opts: &Opts) -> Run {
             let updates: Vec<((String, String), u64, i64)> = (0..opts.updates)
                 .map(|i| ((key(t, i), format!("v{i}")), t, 1))
                 .collect();
+            // Time `t` is complete from here on: the same moment as the
+            // operators' input advancing past it.
+            finished.push(Instant::now());
             write
                 .compare_and_append(
                     &updates,
@@ -152,7 +156,6 @@ fn baseline(rt: &tokio::runtime::Runtime, opts: &Opts) -> Run {
                 .await
                 .unwrap()
                 .unwrap();
-            finished.push(Instant::now());
         }
         let seen = reader.await.unwrap();
         let elapsed = start.elapsed();
