@@ -11,6 +11,7 @@ mod admin;
 mod bench;
 mod check;
 mod controller;
+mod dataflow;
 mod demo;
 mod inspect;
 mod types;
@@ -59,6 +60,11 @@ enum Command {
     /// blob bytes against live data, time to open) and checking them
     /// against the shard-health targets.
     Bench(bench::Args),
+    /// Maintains a derived collection (a count per key of generated events)
+    /// in a new shard with a timely dataflow and `persist_sink`, follows the
+    /// shard with `shard_source` in a second dataflow, and checks that what
+    /// was read equals what was desired at every time.
+    DataflowDemo(dataflow::Args),
     /// Shows a shard's state or blobs as JSON.
     #[command(subcommand)]
     Inspect(inspect::Command),
@@ -98,6 +104,10 @@ async fn main() -> Result<()> {
             demo::run(&location, &client, args).await
         }
         Command::Bench(args) => bench::run(&location, args).await,
+        Command::DataflowDemo(args) => {
+            let client = open_client(&location).await?;
+            dataflow::run(&location, &client, args).await
+        }
         Command::Inspect(command) => inspect::run(&location, command).await,
         Command::Admin(command) => admin::run(&location, command).await,
         Command::Controller(command) => controller::run(&location, command).await,

@@ -612,3 +612,33 @@ fn bench_prints_pass_fail_lines_and_fails_with_check() {
         assert!(out.status.success(), "{stdout}");
     }
 }
+
+#[test]
+fn dataflow_demo_maintains_and_follows_a_shard_on_the_embedded_default() {
+    let dir = tempfile::tempdir().unwrap();
+    for workers in ["1", "3"] {
+        let stdout = persistcli_ok(
+            &[
+                "dataflow-demo",
+                "--workers",
+                workers,
+                "--times",
+                "8",
+                "--events",
+                "400",
+                "--keys",
+                "50",
+            ],
+            dir.path(),
+        );
+        assert!(stdout.contains("sqlite://"), "{stdout}");
+        assert!(stdout.contains("time    7:"), "{stdout}");
+        assert!(
+            stdout.contains(
+                "verified: what the source read equals the desired collection at every time 0..8"
+            ),
+            "{stdout}"
+        );
+    }
+    assert!(dir.path().join("persist-data/consensus.db").exists());
+}

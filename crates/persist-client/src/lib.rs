@@ -46,6 +46,7 @@ pub use internal::compact::CompactionStats;
 pub use metrics::Metrics;
 pub use persist_types::{PersistLocation, ShardId};
 pub use read::{
-    Cursor, Listen, ListenEvent, ListenStreamItem, ReadHandle, SnapshotPartsStats, Subscribe,
+    Cursor, LeaseReturner, Listen, ListenEvent, ListenStreamItem, ReadHandle, SnapshotPartsStats,
+    Subscribe,
 };
 pub use write::WriteHandle;

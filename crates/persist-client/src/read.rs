@@ -453,6 +453,17 @@ where
         Ok(reader)
     }
 
+    /// A handle that returns this reader's leased parts from elsewhere (for
+    /// example from another operator on the same worker while this reader is
+    /// busy in [`Listen::next`]). See [`LeaseReturner`].
+    pub fn lease_returner(&self) -> LeaseReturner {
+        LeaseReturner {
+            shard_id: self.machine.shard_id(),
+            reader_id: self.reader_id,
+            leases: self.leases.clone(),
+        }
+    }
+
     /// Releases this reader's since hold and lease.
     pub async fn expire(mut self) {
         self.expire_now().await;
@@ -843,6 +854,12 @@ where
         self.handle.process_returned_leased_part(part);
     }
 
+    /// A handle that returns this listen's leased parts without borrowing
+    /// the listen (see [`LeaseReturner`]).
+    pub fn lease_returner(&self) -> LeaseReturner {
+        self.handle.lease_returner()
+    }
+
     /// Releases the listen's reader.
     pub async fn expire(self) {
         self.handle.expire().await;
@@ -856,6 +873,44 @@ where
     #[cfg(test)]
     pub(crate) fn since(&self) -> &Antichain<T> {
         &self.since
+    }
+}
+
+/// Returns parts leased by one reader (a [`ReadHandle`] or the [`Listen`]
+/// made from it) without borrowing that reader: cheap to clone, `Send`.
+///
+/// Returning a part through it is exactly
+/// [`ReadHandle::process_returned_leased_part`]: the part's SeqNo lease is
+/// released (garbage collection may then delete the blobs of that state).
+/// A part leased by another reader is refused with a warning and left
+/// leased. Returning parts after the reader expired is harmless (its
+/// leases went with it). The returner does not keep the reader alive:
+/// parts still being fetched need the reader itself to stay open.
+#[derive(Debug, Clone)]
+pub struct LeaseReturner {
+    shard_id: ShardId,
+    reader_id: LeasedReaderId,
+    leases: Leases,
+}
+
+impl LeaseReturner {
+    /// The reader whose leases this returns.
+    pub fn reader_id(&self) -> LeasedReaderId {
+        self.reader_id
+    }
+
+    /// Returns a part leased by this returner's reader, releasing its lease.
+    pub fn return_leased_part<T>(&self, part: LeasedBatchPart<T>) {
+        if part.reader_id != Some(self.reader_id) {
+            tracing::warn!(
+                shard = %self.shard_id,
+                "part leased by {:?} returned to {}", part.reader_id, self.reader_id
+            );
+            return;
+        }
+        if let Some(seqno) = part.leased_seqno {
+            self.leases.release(seqno);
+        }
     }
 }
 

@@ -246,7 +246,10 @@ async fn read_from_newest_rollup<T: Timestamp + Lattice + Codec64>(
     if state.seqno != seqno {
         return Err(MachineError::Decode {
             shard: shard_id,
-            source: StateDecodeError::Corrupt(format!("rollup {seqno} holds state {}", state.seqno)),
+            source: StateDecodeError::Corrupt(format!(
+                "rollup {seqno} holds state {}",
+                state.seqno
+            )),
         });
     }
     let entries = scan_from(consensus, cfg, shard_id, seqno.next()).await;

@@ -254,3 +254,41 @@ proptest::proptest! {
         proptest::prop_assert_eq!(updates, expected);
     }
 }
+
+/// A `LeaseReturner` releases the leases of parts its reader handed out,
+/// from elsewhere (here: after the parts crossed the exchangeable form, as
+/// they do between timely workers), and refuses another reader's parts.
+#[tokio::test]
+async fn lease_returner_releases_parts_of_its_reader_only() {
+    let client = PersistClient::new_for_tests().await;
+    let shard = ShardId::new();
+    let (mut write, mut read) = expect_open::<String, String, u64, i64>(&client, shard).await;
+    expect_compare_and_append(&mut write, &updates(3), 0, 3).await;
+    let (_, mut other) = expect_open::<String, String, u64, i64>(&client, shard).await;
+    let returner = read.lease_returner();
+    assert_eq!(returner.reader_id(), read.reader_id());
+    let parts = read.snapshot(f(2)).await.expect("snapshot");
+    let seqno = parts[0].leased_seqno.expect("leased");
+    assert!(read.leases.is_leased(seqno));
+    // Another reader's part is refused and stays leased by that reader.
+    let foreign = other.snapshot(f(2)).await.expect("snapshot");
+    let foreign_seqno = foreign[0].leased_seqno.expect("leased");
+    for part in foreign {
+        returner.return_leased_part(part);
+    }
+    assert!(other.leases.is_leased(foreign_seqno));
+    let sent: Vec<_> = parts
+        .into_iter()
+        .map(|p| p.into_exchangeable_part())
+        .collect();
+    let returner_elsewhere = returner.clone();
+    tokio::spawn(async move {
+        for part in sent {
+            returner_elsewhere
+                .return_leased_part(crate::LeasedBatchPart::<u64>::from_exchangeable(part));
+        }
+    })
+    .await
+    .expect("returned");
+    assert!(!read.leases.is_leased(seqno), "every part came back");
+}

@@ -1,0 +1,218 @@
+//! The sink's `write` operator: every worker writes its share of a batch.
+
+use differential_dataflow::Hashable;
+use persist_client::TransmittableBatch;
+use timely::PartialOrder;
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::progress::Antichain;
+use tracing::{debug, error, trace};
+
+use super::correction::Correction;
+use super::{
+    BatchDescription, PersistSinkArgs, SinkData, SinkWriteHandle, advance, meet, open_writer,
+};
+use crate::builder::{AsyncInput, AsyncOperatorBuilder, Event, ShutdownButton};
+use crate::record::Record;
+
+/// The stream `write` produces.
+pub(super) struct Written<'scope> {
+    /// Each worker's batch for a description, at the description's lower.
+    pub batches: StreamVec<'scope, u64, TransmittableBatch>,
+    pub button: ShutdownButton,
+}
+
+/// One worker's view: its share of `desired - persist`, the frontiers of
+/// the four inputs, and the description it is working on.
+struct WriteState<K, V, E> {
+    ok: Correction<(K, V)>,
+    err: Correction<E>,
+    desired_ok: Antichain<u64>,
+    desired_err: Antichain<u64>,
+    persist_ok: Antichain<u64>,
+    persist_err: Antichain<u64>,
+    /// The latest valid description and a capability at its lower.
+    desc: Option<(BatchDescription, Capability<u64>)>,
+}
+
+impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
+    fn persist(&self) -> Antichain<u64> {
+        meet(&self.persist_ok, &self.persist_err)
+    }
+
+    /// Takes in a move of the shard's frontier: the buffer's times before it
+    /// no longer matter, and a description whose lower it passed can no
+    /// longer be appended.
+    fn persist_advanced(&mut self) {
+        let persist = self.persist();
+        self.ok.advance_since(&persist);
+        self.err.advance_since(&persist);
+        if let Some((desc, _)) = &self.desc
+            && PartialOrder::less_than(&desc.lower, &persist)
+        {
+            self.desc = None;
+        }
+    }
+
+    fn absorb(&mut self, desc: BatchDescription, cap: Capability<u64>) {
+        let current = match &self.desc {
+            Some((current, _)) => current.lower.clone(),
+            None => self.persist(),
+        };
+        if PartialOrder::less_than(&desc.lower, &current) {
+            trace!(?desc, "outdated description");
+            return;
+        }
+        self.desc = Some((desc, cap));
+    }
+
+    /// Writes the batch of the current description if both the shard (up
+    /// to its lower) and the desired collection (up to its upper) are known.
+    /// An empty share writes nothing but still releases the description.
+    async fn maybe_write(
+        &mut self,
+        writer: &mut SinkWriteHandle<K, V, E>,
+    ) -> Option<(TransmittableBatch, Capability<u64>)> {
+        let (desc, _) = self.desc.as_ref()?;
+        let desired = meet(&self.desired_ok, &self.desired_err);
+        if desc.lower != self.persist() || !PartialOrder::less_equal(&desc.upper, &desired) {
+            return None;
+        }
+        let (desc, cap) = self.desc.take()?;
+        let oks = self.ok.updates_before(&desc.upper);
+        let errs = self.err.updates_before(&desc.upper);
+        if oks.is_empty() && errs.is_empty() {
+            return None;
+        }
+        let count = oks.len() + errs.len();
+        let updates = oks
+            .into_iter()
+            .map(|((k, v), t, r)| ((Record::Data(k, v), ()), t, r))
+            .chain(
+                errs.into_iter()
+                    .map(|(e, t, r)| ((Record::Error(e), ()), t, r)),
+            );
+        match writer
+            .batch(updates, desc.lower.clone(), desc.upper.clone())
+            .await
+        {
+            Ok(batch) => {
+                let buffered = self.ok.len() + self.err.len();
+                debug!(?desc, count, buffered, "wrote a batch");
+                Some((batch.into_transmittable_batch(), cap))
+            }
+            Err(err) => {
+                // The updates stay in the buffer: a later batch writes them.
+                error!(?desc, %err, "sink cannot write a batch");
+                None
+            }
+        }
+    }
+}
+
+async fn next_or_done<D>(input: &mut AsyncInput<u64, D>) -> Option<Event<u64, D>> {
+    if input.is_closed() {
+        std::future::pending().await
+    } else {
+        input.next().await
+    }
+}
+
+pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
+    args: &PersistSinkArgs<K, V, E>,
+    desired_ok: StreamVec<'scope, u64, ((K, V), u64, i64)>,
+    desired_err: StreamVec<'scope, u64, (E, u64, i64)>,
+    persist_ok: StreamVec<'scope, u64, ((K, V), u64, i64)>,
+    persist_err: StreamVec<'scope, u64, (E, u64, i64)>,
+    descs: StreamVec<'scope, u64, BatchDescription>,
+) -> Written<'scope> {
+    let scope = desired_ok.scope();
+    let mut builder = AsyncOperatorBuilder::new(
+        format!("persist_sink_write({})", args.name),
+        scope,
+        args.runtime.clone(),
+    );
+    let (mut batches_out, batches) = builder.new_output::<TransmittableBatch>();
+    // Desired and persist must meet on the same worker to cancel out.
+    let by_ok = |(kv, _, _): &((K, V), u64, i64)| kv.hashed();
+    let by_err = |(e, _, _): &(E, u64, i64)| e.hashed();
+    let mut desired_ok = builder.new_disconnected_input(desired_ok, Exchange::new(by_ok));
+    let mut desired_err = builder.new_disconnected_input(desired_err, Exchange::new(by_err));
+    let mut persist_ok = builder.new_disconnected_input(persist_ok, Exchange::new(by_ok));
+    let mut persist_err = builder.new_disconnected_input(persist_err, Exchange::new(by_err));
+    let mut descs = builder.new_input_for(descs.broadcast(), Pipeline, &[batches_out.index()]);
+    let client = args.client.clone();
+    let shard = args.shard_id;
+    let schema = std::sync::Arc::clone(&args.schema);
+    let name = args.name.clone();
+    let worker = scope.index();
+    let button = builder.build(move |caps| async move {
+        drop(caps);
+        let purpose = format!("persist_sink_write({name}) worker {worker}");
+        let mut writer = match open_writer(&client, shard, &schema, &purpose).await {
+            Ok(writer) => writer,
+            Err(err) => {
+                error!(%shard, sink = %name, %err, "sink cannot write");
+                return;
+            }
+        };
+        let mut state = WriteState::<K, V, E> {
+            ok: Correction::new(),
+            err: Correction::new(),
+            desired_ok: Antichain::from_elem(0),
+            desired_err: Antichain::from_elem(0),
+            persist_ok: Antichain::from_elem(0),
+            persist_err: Antichain::from_elem(0),
+            desc: None,
+        };
+        loop {
+            if desired_ok.is_closed()
+                && desired_err.is_closed()
+                && persist_ok.is_closed()
+                && persist_err.is_closed()
+                && descs.is_closed()
+            {
+                break;
+            }
+            tokio::select! {
+                Some(event) = next_or_done(&mut desired_ok) => match event {
+                    Event::Data { data, .. } => state.ok.insert(data, false),
+                    Event::Progress(f) => { advance(&mut state.desired_ok, &f); }
+                },
+                Some(event) = next_or_done(&mut desired_err) => match event {
+                    Event::Data { data, .. } => state.err.insert(data, false),
+                    Event::Progress(f) => { advance(&mut state.desired_err, &f); }
+                },
+                Some(event) = next_or_done(&mut persist_ok) => match event {
+                    Event::Data { data, .. } => state.ok.insert(data, true),
+                    Event::Progress(f) => if advance(&mut state.persist_ok, &f) {
+                        state.persist_advanced();
+                    },
+                },
+                Some(event) = next_or_done(&mut persist_err) => match event {
+                    Event::Data { data, .. } => state.err.insert(data, true),
+                    Event::Progress(f) => if advance(&mut state.persist_err, &f) {
+                        state.persist_advanced();
+                    },
+                },
+                Some(event) = next_or_done(&mut descs) => {
+                    if let Event::Data { caps, data, .. } = event
+                        && let Some(cap) = caps.into_iter().next()
+                    {
+                        for desc in data {
+                            state.absorb(desc, cap.clone());
+                        }
+                    }
+                },
+                else => {}
+            }
+            if let Some((batch, cap)) = state.maybe_write(&mut writer).await {
+                batches_out.give(&cap, batch);
+            }
+        }
+        writer.expire().await;
+    });
+    Written { batches, button }
+}
