@@ -223,6 +223,12 @@ where
     })
 }
 
+/// One stored update: encoded key and value, time and diff.
+type Row<'a> = (&'a [u8], &'a [u8], [u8; 8], [u8; 8]);
+
+/// An update with its key and value owned.
+type OwnedUpdate<T, D> = ((Vec<u8>, Vec<u8>), T, D);
+
 /// A position in one sorted run: the decoded part being read and the
 /// parts after it.
 struct RunCursor<'a, T> {
@@ -252,7 +258,7 @@ impl<T> RunCursor<'_, T> {
     }
 
     /// The update at the cursor, if the run is not used up.
-    fn peek(&self) -> Option<(&[u8], &[u8], [u8; 8], [u8; 8])> {
+    fn peek(&self) -> Option<Row<'_>> {
         self.current.as_ref().map(|p| p.get(self.row))
     }
 }
@@ -284,21 +290,15 @@ where
     let mut out = RunWriter::<T, D>::new(writer);
     let mut group: Vec<(T, D)> = Vec::new();
     let result: Result<(), ShardError> = async {
-        loop {
-            let Some((key, val)) = cursors
-                .iter()
-                .filter_map(|c| c.peek().map(|(k, v, _, _)| (k, v)))
-                .min()
-                .map(|(k, v)| (k.to_vec(), v.to_vec()))
-            else {
-                break;
-            };
+        while let Some((key, val)) = cursors
+            .iter()
+            .filter_map(|c| c.peek().map(|(k, v, _, _)| (k, v)))
+            .min()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        {
             group.clear();
             for cursor in &mut cursors {
-                loop {
-                    let Some((k, v, t, d)) = cursor.peek() else {
-                        break;
-                    };
+                while let Some((k, v, t, d)) = cursor.peek() {
                     if k != key.as_slice() || v != val.as_slice() {
                         break;
                     }
@@ -348,7 +348,7 @@ fn consolidate_times<T: Ord, D: Semigroup>(updates: &mut Vec<(T, D)>) {
 struct RunWriter<'a, T, D> {
     writer: &'a PartWriter<T>,
     target_size: usize,
-    buffer: Vec<((Vec<u8>, Vec<u8>), T, D)>,
+    buffer: Vec<OwnedUpdate<T, D>>,
     buffered_bytes: usize,
     parts: Vec<HollowPart>,
     _phantom: PhantomData<D>,
@@ -380,7 +380,7 @@ where
     }
 
     async fn flush(&mut self) -> Result<(), ShardError> {
-        let updates: Vec<((&[u8], &[u8]), T, D)> = self
+        let updates: Vec<crate::fetch::BorrowedUpdate<'_, T, D>> = self
             .buffer
             .iter()
             .map(|((k, v), t, d)| ((k.as_slice(), v.as_slice()), t.clone(), d.clone()))

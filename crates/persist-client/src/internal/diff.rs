@@ -98,11 +98,6 @@ impl<K: Ord + Clone, V: Clone + PartialEq> MapDiff<K, V> {
         map.extend(self.upserts);
         Ok(())
     }
-
-    #[cfg(test)]
-    fn is_empty(&self) -> bool {
-        self.upserts.is_empty() && self.deletes.is_empty()
-    }
 }
 
 impl<X: Clone + PartialEq> Splice<X> {
@@ -152,18 +147,6 @@ impl<T: timely::progress::Timestamp> StateDiff<T> {
             critical_readers: MapDiff::between(&old.critical_readers, &new.critical_readers),
             rollups: MapDiff::between(&old.rollups, &new.rollups),
         }
-    }
-
-    /// Whether the diff changes nothing but the SeqNo and wall clock.
-    #[cfg(test)]
-    pub fn is_trivial(&self) -> bool {
-        self.since.is_none()
-            && self.upper.is_none()
-            && self.batches.middle.is_empty()
-            && self.writers.is_empty()
-            && self.leased_readers.is_empty()
-            && self.critical_readers.is_empty()
-            && self.rollups.is_empty()
     }
 
     /// Turns `state` (at `self.seqno - 1`) into its successor. Fails,
