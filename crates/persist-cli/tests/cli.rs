@@ -578,7 +578,7 @@ fn bench_prints_pass_fail_lines_and_fails_with_check() {
     for check in [
         "batches in state",
         "blob bytes",
-        "state in consensus",
+        "bytes whole (latest consensus entry",
         "open ",
     ] {
         assert!(
