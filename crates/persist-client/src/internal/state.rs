@@ -406,6 +406,17 @@ impl<T: Timestamp + Lattice + Codec64> State<T> {
         while start > 1 && eligible(start - 1) {
             start -= 1;
         }
+        // The batch before the run is bigger, but if it was compacted at an
+        // older since and lies wholly before the current one, merging it
+        // now collapses its times (and so its records per key) too. This
+        // keeps old batches from holding many versions of each key forever.
+        if start > 1 {
+            let before = &self.batches[start - 2];
+            let stale = !PartialOrder::less_equal(&self.since, before.desc.since());
+            if stale && PartialOrder::less_equal(before.desc.upper(), &self.since) {
+                start -= 1;
+            }
+        }
         Some(CompactionRequest {
             inputs: self.batches[start - 1..=end].to_vec(),
             since: self.since.clone(),
