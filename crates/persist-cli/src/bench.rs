@@ -98,9 +98,10 @@ pub struct Args {
     /// finalizes them and truncates their consensus logs).
     #[arg(long)]
     keep: bool,
-    /// Stop appending early once the shard's state in consensus is larger
-    /// than this many bytes: without state diffs every append rewrites the
-    /// whole state, so consensus grows with the square of the appends.
+    /// Stop appending early once the shard's latest consensus entry is
+    /// larger than this many bytes: a guard against a state that grows
+    /// with the appends (compaction not keeping up), which would make each
+    /// append slower than the last.
     #[arg(long, default_value_t = 1 << 20)]
     max_state_bytes: u64,
     /// How many times to open the shard and the empty baseline shard, each
