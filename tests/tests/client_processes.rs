@@ -1,6 +1,7 @@
 //! The client across processes: a writer killed with SIGKILL in the middle
 //! of appending, and shards written by one process and read by another
-//! (durability across a restart) on file+SQLite and PostgreSQL+S3.
+//! (durability across a restart), and compactions from several processes,
+//! on file+SQLite and PostgreSQL+S3.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -158,6 +159,54 @@ async fn durable_across_processes(blob_uri: &str, consensus_uri: &str) {
     assert_eq!(got, expected);
 }
 
+/// Two processes compact (and collect garbage) while this one appends and
+/// a reader follows the upper with its since: the shard still holds every
+/// batch whole, once.
+async fn concurrent_compactions_across_processes(blob_uri: &str, consensus_uri: &str) {
+    const SIZE: usize = 20;
+    let shard = ShardId::new();
+    let client = fresh_client(blob_uri, consensus_uri).await;
+    let (mut write, mut read) = client
+        .open::<String, String, u64, i64>(
+            shard,
+            Arc::new(StringSchema::new()),
+            Arc::new(StringSchema::new()),
+            Diagnostics::for_tests(),
+        )
+        .await
+        .unwrap();
+    let compactors: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(WORKER)
+                .args([blob_uri, consensus_uri, &shard.to_string(), "compact", "30"])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for b in 0..60u64 {
+        write
+            .compare_and_append(
+                &client_batch(b, SIZE),
+                Antichain::from_elem(b),
+                Antichain::from_elem(b + 1),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        read.downgrade_since(&Antichain::from_elem(b))
+            .await
+            .unwrap();
+    }
+    for mut child in compactors {
+        assert!(child.wait().unwrap().success());
+    }
+    assert_eq!(check_whole_batches(&client, shard, SIZE).await, 60);
+    let state = client.inspect_shard::<u64>(shard).await.unwrap().unwrap();
+    let batches = state["batches"].as_array().unwrap().len();
+    assert!(batches <= 12, "{batches} batches after 60 appends");
+}
+
 fn embedded(dir: &std::path::Path) -> (String, String) {
     let location = persist_types::PersistLocation::embedded(dir);
     (location.blob_uri, location.consensus_uri)
@@ -197,4 +246,22 @@ async fn postgres_s3_durable_across_processes() {
         return;
     };
     durable_across_processes(&blob, &consensus).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sqlite_concurrent_compactions_across_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, consensus) = embedded(dir.path());
+    concurrent_compactions_across_processes(&blob, &consensus).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_s3_concurrent_compactions_across_processes() {
+    let (Some(consensus), Some(blob)) = (
+        testing::postgres_database().await,
+        testing::s3_prefix().await,
+    ) else {
+        return;
+    };
+    concurrent_compactions_across_processes(&blob, &consensus).await;
 }

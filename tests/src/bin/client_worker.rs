@@ -4,6 +4,10 @@
 //! <batch-size>` appends batches `first..first + batches` of
 //! [`persist_e2e::client_batch`], batch `b` as the interval `[b, b + 1)`,
 //! printing `appended <b>` after each one commits.
+//!
+//! `client_worker <blob-uri> <consensus-uri> <shard> compact <rounds>`
+//! instead compacts the shard and collects its garbage `rounds` times,
+//! printing `compacted <merges>` after each round.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -30,6 +34,10 @@ async fn main() -> Result<()> {
     let blob_uri: String = arg(&args, 1, "blob-uri")?;
     let consensus_uri: String = arg(&args, 2, "consensus-uri")?;
     let shard: ShardId = arg(&args, 3, "shard")?;
+    if args.get(4).map(String::as_str) == Some("compact") {
+        let rounds: u64 = arg(&args, 5, "rounds")?;
+        return compact(&blob_uri, &consensus_uri, shard, rounds).await;
+    }
     let first: u64 = arg(&args, 4, "first-batch")?;
     let batches: u64 = arg(&args, 5, "batches")?;
     let size: usize = arg(&args, 6, "batch-size")?;
@@ -60,6 +68,31 @@ async fn main() -> Result<()> {
         }
         writeln!(stdout, "appended {b}")?;
         stdout.flush()?;
+    }
+    write.expire().await;
+    Ok(())
+}
+
+/// Compacts `shard` and collects its garbage `rounds` times.
+async fn compact(blob_uri: &str, consensus_uri: &str, shard: ShardId, rounds: u64) -> Result<()> {
+    let blob = persist::open_blob(blob_uri).await?;
+    let consensus = persist::open_consensus(consensus_uri).await?;
+    let client = PersistClient::new(PersistConfig::default(), blob, consensus);
+    let mut write = client
+        .open_writer::<String, String, u64, i64>(
+            shard,
+            Arc::new(StringSchema::new()),
+            Arc::new(StringSchema::new()),
+            Diagnostics::from_purpose("client_worker compact"),
+        )
+        .await?;
+    let mut stdout = std::io::stdout();
+    for _ in 0..rounds {
+        let stats = write.compact().await?;
+        write.collect_garbage().await?;
+        writeln!(stdout, "compacted {}", stats.applied + stats.superseded)?;
+        stdout.flush()?;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     write.expire().await;
     Ok(())
