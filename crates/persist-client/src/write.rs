@@ -231,12 +231,17 @@ where
         Ok(stats)
     }
 
-    /// Collects garbage now: truncates the shard's state log below the
-    /// oldest state a reader may still read and deletes the blobs only
-    /// older states referenced. Writers do this in the background as the
+    /// Collects garbage now: writes a rollup of the latest state, then
+    /// truncates the shard's state log below the oldest state a reader may
+    /// still read and deletes the blobs only older states referenced. Writers do this in the background as the
     /// state advances; this is for tools and tests. Retries external
     /// failures.
     pub async fn collect_garbage(&mut self) -> Result<(), ClientError<T>> {
+        // A rollup of the latest state first, so that the log can be
+        // truncated as far as the readers allow, not only to the newest
+        // rollup the background work happened to write.
+        let latest = self.machine.fetch_latest().await?;
+        maintenance::write_rollup(&self.machine, &latest).await?;
         maintenance::gc(&self.machine).await?;
         Ok(())
     }
