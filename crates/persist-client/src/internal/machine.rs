@@ -230,6 +230,28 @@ async fn read_from_newest_rollup<T: Timestamp + Lattice + Codec64>(
     let Some(seqno) = newest else {
         return Ok(None);
     };
+    // Collected meanwhile: read the log instead.
+    let Some(mut state) = fetch_rollup::<T>(blob, cfg, shard_id, seqno).await? else {
+        return Ok(None);
+    };
+    let entries = scan_from(consensus, cfg, shard_id, seqno.next()).await;
+    if entries.first().is_some_and(|e| e.seqno != seqno.next()) {
+        return Ok(None);
+    }
+    for entry in &entries {
+        apply_entry(shard_id, &mut state, entry)?;
+    }
+    Ok(Some(state))
+}
+
+/// The state of the rollup of `seqno`, or `None` if it is not in blob
+/// (garbage collection deleted it). Retries external failures.
+pub(crate) async fn fetch_rollup<T: Timestamp + Lattice + Codec64>(
+    blob: &dyn Blob,
+    cfg: &DynamicConfig,
+    shard_id: ShardId,
+    seqno: SeqNo,
+) -> Result<Option<State<T>>, MachineError> {
     let mut backoff = Backoff::new(&cfg.get());
     let bytes = loop {
         match blob.get(&rollup_key(shard_id, seqno)).await {
@@ -237,27 +259,42 @@ async fn read_from_newest_rollup<T: Timestamp + Lattice + Codec64>(
             Err(err) => backoff.wait("read rollup", shard_id, &err).await,
         }
     };
-    // Collected meanwhile: read the log instead.
     let Some(bytes) = bytes else { return Ok(None) };
-    let mut state = decode_state::<T>(shard_id, &bytes).map_err(|source| MachineError::Decode {
+    let decode_err = |source| MachineError::Decode {
         shard: shard_id,
         source,
-    })?;
+    };
+    let state = decode_state::<T>(shard_id, &bytes).map_err(decode_err)?;
     if state.seqno != seqno {
-        return Err(MachineError::Decode {
-            shard: shard_id,
-            source: StateDecodeError::Corrupt(format!(
-                "rollup {seqno} holds state {}",
-                state.seqno
-            )),
-        });
+        return Err(decode_err(StateDecodeError::Corrupt(format!(
+            "rollup {seqno} holds state {}",
+            state.seqno
+        ))));
     }
-    let entries = scan_from(consensus, cfg, shard_id, seqno.next()).await;
-    if entries.first().is_some_and(|e| e.seqno != seqno.next()) {
-        return Ok(None);
-    }
-    for entry in &entries {
-        apply_entry(shard_id, &mut state, entry)?;
+    Ok(Some(state))
+}
+
+/// The state at the log's oldest live entry `first`: the entry itself if
+/// it is whole, else the rollup of its SeqNo (`None` if that is gone).
+pub(crate) async fn state_at_oldest<T: Timestamp + Lattice + Codec64>(
+    blob: &dyn Blob,
+    cfg: &DynamicConfig,
+    shard_id: ShardId,
+    first: &VersionedData,
+) -> Result<Option<State<T>>, MachineError> {
+    let decode_err = |source| MachineError::Decode {
+        shard: shard_id,
+        source,
+    };
+    let state = match decode_entry::<T>(shard_id, &first.data).map_err(decode_err)? {
+        Entry::Full(state) => state,
+        Entry::Diff(_) => return fetch_rollup(blob, cfg, shard_id, first.seqno).await,
+    };
+    if state.seqno != first.seqno {
+        return Err(decode_err(StateDecodeError::Corrupt(format!(
+            "entry at {} holds state {}",
+            first.seqno, state.seqno
+        ))));
     }
     Ok(Some(state))
 }
@@ -275,10 +312,6 @@ pub(crate) async fn read_state<T: Timestamp + Lattice + Codec64>(
     cfg: &DynamicConfig,
     shard_id: ShardId,
 ) -> Result<Option<State<T>>, MachineError> {
-    let decode_err = |source| MachineError::Decode {
-        shard: shard_id,
-        source,
-    };
     if let Some(state) = read_from_newest_rollup::<T>(consensus, blob, cfg, shard_id).await? {
         return Ok(Some(state));
     }
@@ -287,28 +320,10 @@ pub(crate) async fn read_state<T: Timestamp + Lattice + Codec64>(
         let Some(first) = entries.first() else {
             return Ok(None);
         };
-        let mut state = match decode_entry::<T>(shard_id, &first.data).map_err(decode_err)? {
-            Entry::Full(state) => state,
-            Entry::Diff(_) => {
-                let key = rollup_key(shard_id, first.seqno);
-                let mut backoff = Backoff::new(&cfg.get());
-                let bytes = loop {
-                    match blob.get(&key).await {
-                        Ok(bytes) => break bytes,
-                        Err(err) => backoff.wait("read rollup", shard_id, &err).await,
-                    }
-                };
-                // Truncated meanwhile: read the log again.
-                let Some(bytes) = bytes else { continue };
-                decode_state::<T>(shard_id, &bytes).map_err(decode_err)?
-            }
+        // Truncated meanwhile (the rollup is gone): read the log again.
+        let Some(mut state) = state_at_oldest::<T>(blob, cfg, shard_id, first).await? else {
+            continue;
         };
-        if state.seqno != first.seqno {
-            return Err(decode_err(StateDecodeError::Corrupt(format!(
-                "entry at {} holds state {}",
-                first.seqno, state.seqno
-            ))));
-        }
         for entry in &entries[1..] {
             apply_entry(shard_id, &mut state, entry)?;
         }

@@ -21,8 +21,10 @@ use persist::SeqNo;
 use persist_types::Codec64;
 use timely::progress::Timestamp;
 
-use crate::internal::encoding::{Entry, decode_entry, decode_state, encode_state};
-use crate::internal::machine::{Backoff, Machine, MachineError, Transition, rollup_key};
+use crate::internal::encoding::encode_state;
+use crate::internal::machine::{
+    Backoff, Machine, MachineError, Transition, rollup_key, state_at_oldest,
+};
 use crate::internal::state::State;
 
 /// Flags for background work in flight on a shard in this process.
@@ -208,24 +210,11 @@ where
         let Some(first) = entries.first() else {
             return Ok(report);
         };
-        let decode_err = |source| MachineError::Decode { shard, source };
-        let mut state = match decode_entry::<T>(shard, &first.data).map_err(decode_err)? {
-            Entry::Full(state) => state,
-            Entry::Diff(_) => {
-                let key = rollup_key(shard, first.seqno);
-                let mut backoff = Backoff::new(&machine.cfg());
-                let bytes = loop {
-                    match machine.blob().get(&key).await {
-                        Ok(bytes) => break bytes,
-                        Err(err) => backoff.wait("read rollup", shard, &err).await,
-                    }
-                };
-                // Another process collected this range already.
-                let Some(bytes) = bytes else {
-                    return Ok(report);
-                };
-                decode_state::<T>(shard, &bytes).map_err(decode_err)?
-            }
+        // Another process collected this range already.
+        let Some(mut state) =
+            state_at_oldest::<T>(&**machine.blob(), machine.dyn_cfg(), shard, first).await?
+        else {
+            return Ok(report);
         };
         let mut seen_parts = BTreeSet::new();
         let mut seen_rollups = BTreeSet::new();
