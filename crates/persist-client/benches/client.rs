@@ -106,8 +106,16 @@ impl Location {
     }
 
     fn client(&self) -> PersistClient {
+        // Background compaction is off: it would merge these throwaway
+        // shards' batches on the same two cores while appends are timed,
+        // and the baseline has nothing like it. `persistcli bench` measures
+        // appends with compaction on.
+        let cfg = PersistConfig {
+            compaction_enabled: false,
+            ..PersistConfig::default()
+        };
         PersistClient::new(
-            PersistConfig::default(),
+            cfg,
             Arc::clone(&self.blob),
             Arc::clone(&self.consensus),
         )
