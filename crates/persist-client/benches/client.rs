@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use differential_dataflow::consolidation::consolidate_updates;
-use persist::part::{PartBuilder, PartCodecs, decode_part};
+use persist::part::{PartCodecs, decode_part, encode_part};
 use persist::testing;
 use persist::testing::bench::{self, Latencies, MIB, mib_per_sec, ms};
 use persist::{Blob, CaSResult, Consensus, SeqNo, VersionedData, open_blob, open_consensus};
@@ -114,11 +114,7 @@ impl Location {
             compaction_enabled: false,
             ..PersistConfig::default()
         };
-        PersistClient::new(
-            cfg,
-            Arc::clone(&self.blob),
-            Arc::clone(&self.consensus),
-        )
+        PersistClient::new(cfg, Arc::clone(&self.blob), Arc::clone(&self.consensus))
     }
 
     /// The keys and sizes of every blob starting with `prefix`.
@@ -307,18 +303,17 @@ async fn baseline_round(
 }
 
 /// Phases of the CPU work of an append before its I/O, in order.
-const APPEND_PHASES: [&str; 4] = [
+const APPEND_PHASES: [&str; 3] = [
     "encode keys and values",
     "consolidate",
-    "part push (CRC, stats)",
-    "Parquet encode",
+    "encode part (stats, CRC, Parquet)",
 ];
 
 /// The CPU work of one `compare_and_append` of `updates` before its I/O,
 /// redone phase by phase with public APIs (an approximation: it mirrors the
 /// client's steps as of this writing). Returns each phase's time.
-fn append_phases(updates: &[Update]) -> Result<[Duration; 4]> {
-    let mut laps = Laps::<4>::start();
+fn append_phases(updates: &[Update]) -> Result<[Duration; 3]> {
+    let mut laps = Laps::<3>::start();
     let mut encoded: Vec<EncodedUpdate> = updates
         .iter()
         .map(|((k, v), t, d)| ((k.encode_to_vec(), v.encode_to_vec()), *t, *d))
@@ -326,18 +321,20 @@ fn append_phases(updates: &[Update]) -> Result<[Duration; 4]> {
     laps.lap(0);
     consolidate_updates(&mut encoded);
     laps.lap(1);
-    let mut builder = PartBuilder::new(PartCodecs {
+    let codecs = PartCodecs {
         key: <String as Codec>::codec_name(),
         val: <Vec<u8> as Codec>::codec_name(),
         ts: <u64 as Codec64>::codec_name(),
         diff: <i64 as Codec64>::codec_name(),
-    });
-    for ((k, v), t, d) in &encoded {
-        builder.push(k, v, t.to_le_bytes(), d.to_le_bytes());
-    }
+    };
+    let part = encode_part(
+        &codecs,
+        PersistConfig::default().part_compression,
+        encoded
+            .iter()
+            .map(|((k, v), t, d)| (&k[..], &v[..], t.to_le_bytes(), d.to_le_bytes())),
+    )?;
     laps.lap(2);
-    let part = builder.finish()?;
-    laps.lap(3);
     drop(part);
     Ok(laps.times)
 }
@@ -353,7 +350,7 @@ async fn bench_appends(loc: &Location) -> Result<()> {
         let (mut batch, mut append_batch) = (Latencies::default(), Latencies::default());
         let [mut raw, mut raw_set, mut raw_cas] = [(); 3].map(|_| Latencies::default());
         let mut blob_keys = Vec::new();
-        let mut phases = [(); 4].map(|_| Latencies::default());
+        let mut phases = [(); APPEND_PHASES.len()].map(|_| Latencies::default());
         for round in 0..rounds() {
             // Rotate which side goes first, so none always meets the
             // backends in the state another left them in.

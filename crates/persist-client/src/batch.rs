@@ -256,12 +256,27 @@ where
     D: Semigroup + Codec64,
 {
     pub(crate) fn new(writer: PartWriter<T>, lower: Antichain<T>) -> Self {
+        BatchBuilder::with_buffers(writer, lower, BuilderBuffers::default())
+    }
+
+    /// A builder that fills `buffers` (left over by an earlier builder).
+    pub(crate) fn with_buffers(
+        writer: PartWriter<T>,
+        lower: Antichain<T>,
+        buffers: BuilderBuffers<T, D>,
+    ) -> Self {
         let target_size = writer.cfg.get().blob_target_size.max(1);
+        let BuilderBuffers {
+            mut arena,
+            mut buffer,
+        } = buffers;
+        arena.clear();
+        buffer.clear();
         BatchBuilder {
             writer,
             lower,
-            arena: Vec::new(),
-            buffer: Vec::new(),
+            arena,
+            buffer,
             buffered_bytes: 0,
             target_size,
             maxima: Vec::new(),
@@ -342,6 +357,16 @@ where
         mut self,
         upper: Antichain<T>,
     ) -> Result<Batch<K, V, T, D>, ClientError<T>> {
+        self.finish_in_place(upper).await
+    }
+
+    /// [`BatchBuilder::finish`], leaving the builder's buffers to
+    /// [`BatchBuilder::into_buffers`]. The builder must not be used
+    /// otherwise afterwards.
+    pub(crate) async fn finish_in_place(
+        &mut self,
+        upper: Antichain<T>,
+    ) -> Result<Batch<K, V, T, D>, ClientError<T>> {
         if !PartialOrder::less_equal(&self.lower, &upper) {
             self.writer.delete_parts(&self.parts).await;
             return Err(InvalidUsage::InvalidBounds {
@@ -374,6 +399,41 @@ where
     }
 }
 
+impl<K: Codec, V: Codec, T, D> BatchBuilder<K, V, T, D> {
+    /// The builder's buffers, emptied, for a later builder to reuse; `None`
+    /// once they outgrew twice the target part size (a huge update), so
+    /// that one outlier does not stay allocated.
+    pub(crate) fn into_buffers(mut self) -> Option<BuilderBuffers<T, D>> {
+        if self.arena.capacity() > self.target_size.saturating_mul(2) {
+            return None;
+        }
+        self.arena.clear();
+        self.buffer.clear();
+        Some(BuilderBuffers {
+            arena: std::mem::take(&mut self.arena),
+            buffer: std::mem::take(&mut self.buffer),
+        })
+    }
+}
+
+/// The buffers a [`BatchBuilder`] fills. A [`WriteHandle`](crate::WriteHandle)
+/// keeps them between batches, so that a steady stream of appends reuses
+/// memory that is already allocated (and faulted in) instead of growing
+/// fresh buffers for every batch. Each is bounded by the target part size.
+pub(crate) struct BuilderBuffers<T, D> {
+    arena: Vec<u8>,
+    buffer: Vec<((usize, usize, usize), T, D)>,
+}
+
+impl<T, D> Default for BuilderBuffers<T, D> {
+    fn default() -> Self {
+        BuilderBuffers {
+            arena: Vec::new(),
+            buffer: Vec::new(),
+        }
+    }
+}
+
 /// Writes parts of one shard to blob under the writer's prefix.
 #[derive(Debug, Clone)]
 pub(crate) struct PartWriter<T> {
@@ -396,24 +456,21 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> PartWriter<T> {
         let Some((_, first, _)) = updates.first() else {
             return Ok(None);
         };
-        let (key_bytes, val_bytes) = updates.iter().fold((0, 0), |(k, v), ((key, val), _, _)| {
-            (k + key.len(), v + val.len())
-        });
-        let mut builder = persist::part::PartBuilder::with_capacity(
-            part_codecs(&self.codecs),
-            updates.len(),
-            key_bytes,
-            val_bytes,
-        )
-        .with_compression(self.cfg.get().part_compression);
         let mut ts_lower = first.clone();
         let mut ts_upper = first.clone();
-        for ((k, v), t, d) in updates {
-            builder.push(k, v, t.encode(), d.encode());
+        for (_, t, _) in updates {
             ts_lower = ts_lower.meet(t);
             ts_upper = ts_upper.join(t);
         }
-        let encoded = builder.finish().map_err(|e| ShardError::Part {
+        // Encoded straight from the caller's (arena-backed) slices.
+        let encoded = persist::part::encode_part(
+            &part_codecs(&self.codecs),
+            self.cfg.get().part_compression,
+            updates
+                .iter()
+                .map(|((k, v), t, d)| (*k, *v, t.encode(), d.encode())),
+        )
+        .map_err(|e| ShardError::Part {
             shard: self.shard_id,
             key: String::new(),
             reason: format!("encode part: {e}"),

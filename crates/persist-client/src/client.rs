@@ -277,6 +277,7 @@ impl PersistClient {
             heartbeat: Some(heartbeat),
             expired: false,
             expire_on_drop: Some(expire_on_drop),
+            spare_buffers: Default::default(),
             _phantom: PhantomData,
         })
     }

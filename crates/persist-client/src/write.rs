@@ -13,7 +13,7 @@ use persist_types::{Codec, Codec64, ShardId};
 use timely::PartialOrder;
 use timely::progress::{Antichain, Timestamp};
 
-use crate::batch::{Batch, BatchBuilder, PartWriter, TransmittableBatch};
+use crate::batch::{Batch, BatchBuilder, BuilderBuffers, PartWriter, TransmittableBatch};
 use crate::error::{ClientError, InvalidUsage, UpperMismatch};
 use crate::fetch::PartReader;
 use crate::ids::{IdempotencyToken, WriterId};
@@ -43,6 +43,9 @@ pub struct WriteHandle<K: Codec, V: Codec, T, D> {
     pub(crate) heartbeat: Option<HeartbeatTask>,
     pub(crate) expired: bool,
     pub(crate) expire_on_drop: Option<ExpireOnDrop>,
+    /// The buffers of the last batch built by [`WriteHandle::batch`], for
+    /// the next one.
+    pub(crate) spare_buffers: BuilderBuffers<T, D>,
     pub(crate) _phantom: PhantomData<fn() -> D>,
 }
 
@@ -189,7 +192,8 @@ where
         if !PartialOrder::less_equal(&lower, &upper) {
             return Err(InvalidUsage::InvalidBounds { lower, upper }.into());
         }
-        let mut builder = self.builder(lower);
+        let buffers = std::mem::take(&mut self.spare_buffers);
+        let mut builder = BatchBuilder::with_buffers(self.part_writer(), lower, buffers);
         for update in updates {
             let ((k, v), t, d) = update.borrow();
             if upper.less_equal(t) {
@@ -205,7 +209,9 @@ where
                 return Err(err);
             }
         }
-        builder.finish(upper).await
+        let batch = builder.finish_in_place(upper).await;
+        self.spare_buffers = builder.into_buffers().unwrap_or_default();
+        batch
     }
 
     /// A builder of a batch starting at `lower`, for updates added one at a

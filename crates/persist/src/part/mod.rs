@@ -68,7 +68,7 @@ mod decode;
 mod stats;
 mod thrift;
 
-pub use builder::{EncodedPart, PartBuilder};
+pub use builder::{EncodedPart, PartBuilder, PartUpdate, encode_part};
 pub use decode::{DecodedPart, decode_part};
 pub use stats::{MAX_STATS_KEY_BYTES, PartStats};
 

@@ -285,6 +285,51 @@ pub(super) fn read_page_header(buf: &[u8]) -> Result<(PageHeader, usize), String
     Ok((header, r.position()))
 }
 
+/// `Encoding::RLE`, which a data page header names for its (here absent)
+/// definition and repetition levels.
+const ENCODING_RLE: i32 = 3;
+
+/// Appends the compact-protocol `PageHeader` of a version-1 `PLAIN` data page
+/// holding `num_values` values in `uncompressed_size` bytes, stored in
+/// `compressed_size` bytes. What [`read_page_header`] reads back.
+pub(super) fn write_data_page_header(
+    out: &mut Vec<u8>,
+    uncompressed_size: i32,
+    compressed_size: i32,
+    num_values: i32,
+) {
+    // Field headers pack the id delta (always 1 or 2 here) over the type.
+    let field = |out: &mut Vec<u8>, delta: u8, ty: u8| out.push((delta << 4) | ty);
+    field(out, 1, TYPE_I32);
+    write_zigzag(out, PAGE_TYPE_DATA_PAGE);
+    field(out, 1, TYPE_I32);
+    write_zigzag(out, uncompressed_size);
+    field(out, 1, TYPE_I32);
+    write_zigzag(out, compressed_size);
+    // Field 5, `data_page_header` (field 4, a CRC, is absent).
+    field(out, 2, TYPE_STRUCT);
+    field(out, 1, TYPE_I32);
+    write_zigzag(out, num_values);
+    field(out, 1, TYPE_I32);
+    write_zigzag(out, ENCODING_PLAIN);
+    field(out, 1, TYPE_I32);
+    write_zigzag(out, ENCODING_RLE);
+    field(out, 1, TYPE_I32);
+    write_zigzag(out, ENCODING_RLE);
+    out.push(0); // end of DataPageHeader
+    out.push(0); // end of PageHeader
+}
+
+/// Appends `v` as a zigzag varint.
+fn write_zigzag(out: &mut Vec<u8>, v: i32) {
+    let mut z = ((v << 1) ^ (v >> 31)) as u32;
+    while z >= 0x80 {
+        out.push((z as u8) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+}
+
 /// Reads the body of a `DataPageHeader` struct: `(num_values, encoding)`.
 fn read_data_page_header(r: &mut CompactReader<'_>) -> Result<(i32, i32), String> {
     let mut num_values = None;
@@ -399,6 +444,30 @@ mod tests {
                 data_page: Some((100, 0)),
             }
         );
+    }
+
+    #[test]
+    fn written_headers_read_back() {
+        for (uncompressed, compressed, values) in [
+            (0, 0, 0),
+            (800, 100, 100),
+            (i32::MAX, i32::MAX, i32::MAX),
+            (63, 64, 1),
+        ] {
+            let mut buf = vec![0xaa];
+            write_data_page_header(&mut buf, uncompressed, compressed, values);
+            let (h, len) = read_page_header(&buf[1..]).unwrap();
+            assert_eq!(len, buf.len() - 1);
+            assert_eq!(
+                h,
+                PageHeader {
+                    page_type: PAGE_TYPE_DATA_PAGE,
+                    uncompressed_size: uncompressed,
+                    compressed_size: compressed,
+                    data_page: Some((values, ENCODING_PLAIN)),
+                }
+            );
+        }
     }
 
     #[test]
