@@ -566,7 +566,8 @@ mod tests {
     fn encode_part_matches_the_builder_and_cuts_pages_by_size() {
         // Values of 300 KiB: a page is cut after the value that takes it to
         // 1 MiB, so 7 vals make pages of 4 and 3, keys one page.
-        let updates: Vec<(Vec<u8>, Vec<u8>, [u8; 8], [u8; 8])> = (0u8..7)
+        type Owned = (Vec<u8>, Vec<u8>, [u8; 8], [u8; 8]);
+        let updates: Vec<Owned> = (0u8..7)
             .map(|i| {
                 let val = vec![i; 300 << 10];
                 (vec![i; 3], val, u64::from(i).to_le_bytes(), [1; 8])
