@@ -24,6 +24,7 @@ use crate::fetch::{
 use crate::ids::LeasedReaderId;
 use crate::internal::heartbeat::{self, ExpireOnDrop, HeartbeatTask, Holder};
 use crate::internal::machine::{Machine, Transition};
+use crate::internal::merge::{consolidate_times, merge_sorted_runs};
 use crate::internal::state::{HollowBatch, State};
 use crate::write::duration_ms;
 
@@ -979,15 +980,41 @@ where
         .try_collect()
         .await?;
     let len = decoded.iter().map(DecodedPart::len).sum();
+    let mut out = Vec::with_capacity(len);
+    // Each part is a sorted run: merge them, decoding only what survives.
+    let uniform: Vec<Option<T>> = parts.iter().map(LeasedBatchPart::uniform_time).collect();
+    let mut times: Vec<(T, D)> = Vec::new();
+    let runs = decoded.iter().map(DecodedPart::iter).collect();
+    let merged = merge_sorted_runs(runs, |k, v, rows| {
+        times.clear();
+        for (run, t, d) in rows {
+            let t = match &uniform[*run] {
+                Some(t) => t.clone(),
+                None => {
+                    let mut t = T::decode(*t);
+                    if !parts[*run].keeps(&mut t) {
+                        continue;
+                    }
+                    t
+                }
+            };
+            times.push((t, D::decode(*d)));
+        }
+        consolidate_times(&mut times);
+        for (t, d) in times.drain(..) {
+            let k = K::decode(k, key_schema).map_err(|e| e.to_string());
+            let v = V::decode(v, val_schema).map_err(|e| e.to_string());
+            out.push(((k, v), t, d));
+        }
+    });
+    if merged.is_ok() {
+        return Ok(out);
+    }
+    // A part that is not a sorted run (not written by this code): sort.
+    tracing::warn!(shard = %reader.shard_id, "a part is not sorted; consolidating by sorting");
+    drop(out);
     let mut updates: Vec<BorrowedUpdate<'_, T, D>> = Vec::with_capacity(len);
     for (part, data) in parts.iter().zip(&decoded) {
-        if let Some(t) = part.uniform_time() {
-            updates.extend(
-                data.iter()
-                    .map(|(k, v, _, d)| ((k, v), t.clone(), D::decode(d))),
-            );
-            continue;
-        }
         for (k, v, t, d) in data.iter() {
             let mut t = T::decode(t);
             if part.keeps(&mut t) {

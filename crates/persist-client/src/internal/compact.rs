@@ -26,6 +26,7 @@ use crate::error::{ClientError, ShardError};
 use crate::fetch::PartReader;
 use crate::internal::machine::{Machine, Transition};
 use crate::internal::maintenance::Job;
+use crate::internal::merge::{Row, consolidate_times};
 use crate::internal::state::{CompactionOutcome, CompactionRequest, HollowBatch, HollowPart};
 
 /// What [`compact_until_done`] did.
@@ -223,9 +224,6 @@ where
     })
 }
 
-/// One stored update: encoded key and value, time and diff.
-type Row<'a> = (&'a [u8], &'a [u8], [u8; 8], [u8; 8]);
-
 /// An update with its key and value owned.
 type OwnedUpdate<T, D> = ((Vec<u8>, Vec<u8>), T, D);
 
@@ -326,21 +324,6 @@ where
             Err(err)
         }
     }
-}
-
-/// Sorts `(time, diff)` pairs by time, sums the diffs of equal times and
-/// drops zeros.
-fn consolidate_times<T: Ord, D: Semigroup>(updates: &mut Vec<(T, D)>) {
-    updates.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut kept: Vec<(T, D)> = Vec::with_capacity(updates.len());
-    for (t, d) in updates.drain(..) {
-        match kept.last_mut() {
-            Some((last, sum)) if *last == t => sum.plus_equals(&d),
-            _ => kept.push((t, d)),
-        }
-    }
-    kept.retain(|(_, d)| !d.is_zero());
-    *updates = kept;
 }
 
 /// Writes a sorted stream of updates as parts of about the blob target

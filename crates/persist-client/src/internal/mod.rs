@@ -9,5 +9,6 @@ pub(crate) mod heartbeat;
 pub(crate) mod inspect;
 pub(crate) mod machine;
 pub(crate) mod maintenance;
+pub(crate) mod merge;
 pub(crate) mod part;
 pub(crate) mod state;

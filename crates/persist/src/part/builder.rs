@@ -281,9 +281,10 @@ fn encode_with<'a, I>(
 where
     I: Iterator<Item = PartUpdate<'a>> + Clone,
 {
-    // Stats, checksum and sizes first.
+    // Stats and sizes first (and the checksum of version 1, which tests
+    // still write, over the updates row by row).
     let mut bounds = KeyBounds::default();
-    let mut crc = Checksum::new();
+    let mut legacy_crc = (opts.format_version == "1").then(Checksum::new);
     let (mut len, mut key_bytes, mut val_bytes) = (0usize, 0usize, 0usize);
     for (key, val, time, diff) in updates.clone() {
         if !fits(key_bytes, key.len()) || !fits(val_bytes, val.len()) {
@@ -293,7 +294,9 @@ where
         val_bytes += 4 + val.len();
         len += 1;
         bounds.observe(key);
-        crc.update(key, val, time, diff);
+        if let Some(crc) = &mut legacy_crc {
+            crc.update(key, val, time, diff);
+        }
     }
 
     let schema = parquet_schema()?;
@@ -306,6 +309,7 @@ where
         plain: Vec::new(),
         compressed: Vec::new(),
         snappy: snap::raw::Encoder::new(),
+        crc: crc32fast::Hasher::new(),
     };
     writer.out.extend_from_slice(b"PAR1");
     let compression = if compress {
@@ -348,7 +352,11 @@ where
         row += rows;
     }
 
-    let crc = format!("{:08x}", crc.finalize());
+    let crc = match legacy_crc {
+        Some(crc) => crc.finalize(),
+        None => writer.crc.clone().finalize(),
+    };
+    let crc = format!("{crc:08x}");
     let metadata = [
         (META_FORMAT, opts.format_version.as_str()),
         (META_KEY_CODEC, codecs.key.as_str()),
@@ -406,6 +414,8 @@ struct PageWriter {
     plain: Vec<u8>,
     compressed: Vec<u8>,
     snappy: snap::raw::Encoder,
+    /// The checksum of every page's uncompressed values, in file order.
+    crc: crc32fast::Hasher,
 }
 
 impl PageWriter {
@@ -444,6 +454,7 @@ impl PageWriter {
                 for u in values.by_ref().take(count) {
                     column.write(&u, &mut self.plain);
                 }
+                self.crc.update(&self.plain);
                 self.compressed
                     .resize(snap::raw::max_compress_len(self.plain.len()), 0);
                 let stored = self
@@ -456,9 +467,11 @@ impl PageWriter {
             } else {
                 write_data_page_header(&mut self.out, size, size, count_i32);
                 uncompressed += self.out.len() - header_at + bytes;
+                let data_at = self.out.len();
                 for u in values.by_ref().take(count) {
                     column.write(&u, &mut self.out);
                 }
+                self.crc.update(&self.out[data_at..]);
             }
             left -= count;
         }

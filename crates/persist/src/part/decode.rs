@@ -2,15 +2,12 @@
 
 use std::any::Any;
 use std::fmt;
+use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 
-use arrow_array::{Array, BinaryArray, Int64Array, RecordBatch};
 use arrow_schema::Schema;
 use bytes::Bytes;
-use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
-};
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::basic::{Compression, ConvertedType, Repetition, Type as PhysicalType};
 use parquet::file::metadata::{KeyValue, PageIndexPolicy, ParquetMetaData};
 use parquet::schema::types::SchemaDescriptor;
@@ -40,15 +37,17 @@ const COLUMNS: [(&str, PhysicalType, usize); 4] = [
     (COL_DIFF, PhysicalType::INT64, 8),
 ];
 
-/// A decoded part: its codecs and its updates, held as the Arrow arrays the
-/// Parquet reader produced (one allocation per column, none per update).
+/// A decoded part: its codecs and its updates. Keys and vals are not
+/// copied: they are read in place from the part's bytes (or, for a
+/// compressed part, from its decompressed pages), found through one offset
+/// per value.
 #[derive(Clone)]
 pub struct DecodedPart {
     codecs: PartCodecs,
-    keys: BinaryArray,
-    vals: BinaryArray,
-    times: Int64Array,
-    diffs: Int64Array,
+    keys: BinaryColumn,
+    vals: BinaryColumn,
+    times: FixedColumn,
+    diffs: FixedColumn,
 }
 
 impl fmt::Debug for DecodedPart {
@@ -68,7 +67,7 @@ impl DecodedPart {
 
     /// The number of updates.
     pub fn len(&self) -> usize {
-        self.times.len()
+        self.keys.starts.len()
     }
 
     /// Whether the part holds no updates.
@@ -86,14 +85,48 @@ impl DecodedPart {
         (
             self.keys.value(i),
             self.vals.value(i),
-            self.times.value(i).to_le_bytes(),
-            self.diffs.value(i).to_le_bytes(),
+            self.times.value(i),
+            self.diffs.value(i),
         )
     }
 
     /// The updates in order, as [`DecodedPart::get`] returns them.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&[u8], &[u8], [u8; 8], [u8; 8])> + '_ {
         (0..self.len()).map(|i| self.get(i))
+    }
+}
+
+/// The values of a `BYTE_ARRAY` column: `PLAIN` pages (each value a
+/// little-endian `u32` length then its bytes) in `backing`, and where each
+/// value's bytes start. [`binary_column`] checked every start and length
+/// against `backing`.
+#[derive(Clone)]
+struct BinaryColumn {
+    backing: Bytes,
+    starts: Vec<u32>,
+}
+
+impl BinaryColumn {
+    fn value(&self, i: usize) -> &[u8] {
+        let start = self.starts[i] as usize;
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&self.backing[start - 4..start]);
+        &self.backing[start..start + u32::from_le_bytes(len) as usize]
+    }
+}
+
+/// The values of an `INT64` column, 8 little-endian bytes each, back to
+/// back.
+#[derive(Clone)]
+struct FixedColumn {
+    data: Bytes,
+}
+
+impl FixedColumn {
+    fn value(&self, i: usize) -> [u8; 8] {
+        let mut value = [0u8; 8];
+        value.copy_from_slice(&self.data[i * 8..i * 8 + 8]);
+        value
     }
 }
 
@@ -107,12 +140,13 @@ impl DecodedPart {
 ///
 /// Never panics, whatever the bytes, and allocates at most a small multiple
 /// (about `MAX_SNAPPY_EXPANSION`) of `bytes.len()`. The `parquet` crate
-/// trusts some sizes in the file (a page header's uncompressed size sizes a
-/// zero-filled buffer; a schema node's child count sizes a `Vec`), so before
-/// handing it the bytes this function reads the footer's schema and every
-/// page header itself with a strict parser and checks each size against the
-/// input: parts hold only flat schemas and `PLAIN`, uncompressed or Snappy,
-/// version-1 data pages, whose sizes bound what decoding them allocates.
+/// parses the footer; it trusts a schema node's child count (sizing a
+/// `Vec` from it), so this function first reads the footer's schema with
+/// a strict parser of its own. The pages it reads itself: every header is
+/// checked against the input (parts hold only `PLAIN`, uncompressed or
+/// Snappy, version-1 data pages, whose sizes bound what decoding them
+/// allocates), and every value's length against its page. An uncompressed
+/// part's keys and vals are then read in place, without a copy.
 ///
 /// Third-party decoders have historically panicked on malformed input in
 /// ways such validation cannot foresee, so the whole decode also runs under
@@ -160,44 +194,208 @@ pub(super) fn decode_unguarded(bytes: Bytes) -> Result<DecodedPart, PartError> {
     let parquet_meta = meta.metadata();
     let file_meta = parquet_meta.file_metadata();
     // The version first: a newer format may change everything below.
-    let codecs = read_persist_metadata(file_meta.key_value_metadata())?;
+    let (version, codecs) = read_persist_metadata(file_meta.key_value_metadata())?;
     // Checked once the updates are decoded, so that schema errors come first.
     let recorded_crc = read_checksum(file_meta.key_value_metadata());
     check_schema(file_meta.schema_descr(), meta.schema())?;
-    let num_rows = check_row_groups(&bytes, footer_start, parquet_meta)?;
+    let (rows, groups) = check_row_groups(&bytes, footer_start, parquet_meta)?;
 
-    let batch = if num_rows == 0 {
-        RecordBatch::new_empty(Arc::new(part_schema()))
-    } else {
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(bytes, meta)
-            .with_batch_size(num_rows)
-            .build()
-            .map_err(|e| PartError::corrupt(format!("cannot read part: {e}")))?;
-        let mut batches = Vec::new();
-        for batch in reader {
-            batches.push(batch.map_err(|e| PartError::corrupt(format!("bad part data: {e}")))?);
+    // The pages' values, decompressed where needed, in file order.
+    let mut values: Vec<[Vec<(Bytes, usize)>; 4]> = Vec::with_capacity(groups.len());
+    for (rg_idx, group) in groups.iter().enumerate() {
+        let mut chunks: [Vec<(Bytes, usize)>; 4] = Default::default();
+        for ((pages, chunk), (name, ..)) in group.iter().zip(&mut chunks).zip(COLUMNS) {
+            for page in pages {
+                let data = page_values(&bytes, page).map_err(|e| {
+                    PartError::corrupt(format!("row group {rg_idx}, column {name}: {e}"))
+                })?;
+                chunk.push((data, page.values));
+            }
         }
-        match batches.len() {
-            1 => batches.swap_remove(0),
-            _ => arrow_select::concat::concat_batches(&Arc::new(part_schema()), &batches)
-                .map_err(|e| PartError::corrupt(format!("bad part data: {e}")))?,
-        }
-    };
-    if batch.num_rows() != num_rows {
-        return Err(PartError::corrupt(format!(
-            "footer declares {num_rows} rows but the data holds {}",
-            batch.num_rows()
-        )));
+        values.push(chunks);
     }
+    let column_pages = |col: usize| values.iter().flat_map(move |group| &group[col]);
+    let zero_copy = |col: usize| {
+        groups
+            .iter()
+            .all(|group| group[col].iter().all(|p| !p.compressed))
+            && u32::try_from(bytes.len()).is_ok()
+    };
+    let page_starts = |col: usize| {
+        groups
+            .iter()
+            .flat_map(move |group| group[col].iter().map(|p| p.data.start))
+    };
+    let binary = |col: usize| {
+        let starts = zero_copy(col).then(|| page_starts(col));
+        binary_column(&bytes, column_pages(col), starts, rows)
+            .map_err(|e| PartError::corrupt(format!("column {}: {e}", COLUMNS[col].0)))
+    };
+    let fixed = |col: usize| {
+        fixed_column(column_pages(col), rows)
+            .map_err(|e| PartError::corrupt(format!("column {}: {e}", COLUMNS[col].0)))
+    };
     let part = DecodedPart {
         codecs,
-        keys: column::<BinaryArray>(&batch, 0)?,
-        vals: column::<BinaryArray>(&batch, 1)?,
-        times: column::<Int64Array>(&batch, 2)?,
-        diffs: column::<Int64Array>(&batch, 3)?,
+        keys: binary(0)?,
+        vals: binary(1)?,
+        times: fixed(2)?,
+        diffs: fixed(3)?,
     };
-    check_checksum(&part, recorded_crc?)?;
+    let computed = match version {
+        1 => row_checksum(&part),
+        _ => {
+            let mut hasher = crc32fast::Hasher::new();
+            for group in &values {
+                for (data, _) in group.iter().flatten() {
+                    hasher.update(data);
+                }
+            }
+            hasher.finalize()
+        }
+    };
+    let recorded = recorded_crc?;
+    if computed != recorded {
+        return Err(PartError::corrupt(format!(
+            "checksum mismatch: the data hashes to {computed:08x}, the writer recorded \
+             {recorded:08x} (the part's data changed since it was written)"
+        )));
+    }
     Ok(part)
+}
+
+/// A page's uncompressed values: a slice of the part, or its decompressed
+/// copy (whose size the header declared and [`check_pages`] bounded).
+fn page_values(bytes: &Bytes, page: &PageRef) -> Result<Bytes, String> {
+    let stored = bytes.slice(page.data.clone());
+    if !page.compressed {
+        return Ok(stored);
+    }
+    let len = snap::raw::decompress_len(&stored)
+        .map_err(|e| format!("bad Snappy page at byte {}: {e}", page.data.start))?;
+    if len != page.uncompressed {
+        return Err(format!(
+            "page at byte {} decompresses to {len} bytes, its header says {}",
+            page.data.start, page.uncompressed
+        ));
+    }
+    let mut out = vec![0; len];
+    snap::raw::Decoder::new()
+        .decompress(&stored, &mut out)
+        .map_err(|e| format!("bad Snappy page at byte {}: {e}", page.data.start))?;
+    Ok(Bytes::from(out))
+}
+
+/// Indexes the `PLAIN` binary values of `pages` (`(values, count)` each),
+/// checking that each page holds exactly its count of values.
+///
+/// With `file_starts` (the position in `file` of each page, all of them
+/// uncompressed slices of it), the values are read in place from `file`;
+/// otherwise the pages are copied into one buffer.
+fn binary_column<'a>(
+    file: &Bytes,
+    pages: impl Iterator<Item = &'a (Bytes, usize)> + Clone,
+    file_starts: Option<impl Iterator<Item = usize>>,
+    rows: usize,
+) -> Result<BinaryColumn, String> {
+    let mut starts = Vec::with_capacity(rows);
+    let backing = match file_starts {
+        Some(page_starts) => {
+            for ((data, count), base) in pages.zip(page_starts) {
+                index_binary_page(data, *count, base, &mut starts)?;
+            }
+            file.clone()
+        }
+        None => {
+            let total: usize = pages.clone().map(|(data, _)| data.len()).sum();
+            if u32::try_from(total).is_err() {
+                return Err(format!("{total} bytes of values is too large to decode"));
+            }
+            let mut buf = Vec::with_capacity(total);
+            for (data, count) in pages {
+                index_binary_page(data, *count, buf.len(), &mut starts)?;
+                buf.extend_from_slice(data);
+            }
+            Bytes::from(buf)
+        }
+    };
+    Ok(BinaryColumn { backing, starts })
+}
+
+/// Appends to `starts` where each of the `count` values of the `PLAIN`
+/// binary page `data` starts, offset by `base` (which the caller checked
+/// keeps them within `u32`).
+fn index_binary_page(
+    data: &[u8],
+    count: usize,
+    base: usize,
+    starts: &mut Vec<u32>,
+) -> Result<(), String> {
+    let mut pos = 0;
+    for _ in 0..count {
+        let Some(prefix) = data.get(pos..pos + 4) else {
+            return Err("a value's length runs past the end of its page".to_string());
+        };
+        let mut len = [0u8; 4];
+        len.copy_from_slice(prefix);
+        let len = u32::from_le_bytes(len) as usize;
+        let start = pos + 4;
+        if len > data.len() - start {
+            return Err(format!(
+                "a value of {len} bytes runs past the end of its page"
+            ));
+        }
+        let absolute =
+            u32::try_from(base + start).map_err(|_| "value offset overflows".to_string())?;
+        starts.push(absolute);
+        pos = start + len;
+    }
+    if pos != data.len() {
+        return Err(format!(
+            "a page of {count} values has {} bytes left over",
+            data.len() - pos
+        ));
+    }
+    Ok(())
+}
+
+/// The `PLAIN` `INT64` values of `pages`, each holding exactly its count.
+/// A single page is used in place; several are copied into one buffer.
+fn fixed_column<'a>(
+    pages: impl Iterator<Item = &'a (Bytes, usize)> + Clone,
+    rows: usize,
+) -> Result<FixedColumn, String> {
+    for (data, count) in pages.clone() {
+        if Some(data.len()) != count.checked_mul(8) {
+            return Err(format!(
+                "a page of {count} 8-byte values holds {} bytes",
+                data.len()
+            ));
+        }
+    }
+    let mut iter = pages.clone();
+    let data = match (iter.next(), iter.next()) {
+        (None, _) => Bytes::new(),
+        (Some((data, _)), None) => data.clone(),
+        _ => {
+            let mut buf = Vec::with_capacity(rows * 8);
+            for (data, _) in pages {
+                buf.extend_from_slice(data);
+            }
+            Bytes::from(buf)
+        }
+    };
+    Ok(FixedColumn { data })
+}
+
+/// The checksum of format version 1: over the updates, row by row (see the
+/// module docs).
+fn row_checksum(part: &DecodedPart) -> u32 {
+    let mut hasher = Checksum::new();
+    for (k, v, t, d) in part.iter() {
+        hasher.update(k, v, t, d);
+    }
+    hasher.finalize()
 }
 
 /// The checksum the writer recorded (see the module docs).
@@ -210,23 +408,6 @@ fn read_checksum(kv: Option<&Vec<KeyValue>>) -> Result<u32, PartError> {
         .ok_or_else(|| PartError::corrupt(format!("missing {META_CRC32} metadata")))?;
     u32::from_str_radix(recorded, 16)
         .map_err(|_| PartError::corrupt(format!("invalid {META_CRC32} metadata {recorded:?}")))
-}
-
-/// Recomputes the checksum of the decoded updates and compares it with the
-/// one the writer recorded.
-fn check_checksum(part: &DecodedPart, recorded: u32) -> Result<(), PartError> {
-    let mut hasher = Checksum::new();
-    for (k, v, t, d) in part.iter() {
-        hasher.update(k, v, t, d);
-    }
-    let computed = hasher.finalize();
-    if computed != recorded {
-        return Err(PartError::corrupt(format!(
-            "checksum mismatch: the updates hash to {computed:08x}, the writer recorded \
-             {recorded:08x} (the part's data changed since it was written)"
-        )));
-    }
-    Ok(())
 }
 
 /// Checks the magic bytes and the footer length; returns where the footer
@@ -281,7 +462,8 @@ fn check_schema_shape(footer: &[u8]) -> Result<(), PartError> {
 }
 
 /// Reads the format version and codec names from the key-value metadata.
-fn read_persist_metadata(kv: Option<&Vec<KeyValue>>) -> Result<PartCodecs, PartError> {
+/// Returns the version (1 through [`FORMAT_VERSION`]) and the codecs.
+fn read_persist_metadata(kv: Option<&Vec<KeyValue>>) -> Result<(u32, PartCodecs), PartError> {
     let entries = kv.map(Vec::as_slice).unwrap_or_default();
     let get = |key: &str| -> Result<Option<&str>, PartError> {
         let mut found = entries.iter().filter(|e| e.key == key);
@@ -293,31 +475,35 @@ fn read_persist_metadata(kv: Option<&Vec<KeyValue>>) -> Result<PartCodecs, PartE
             ))),
         }
     };
-    match get(META_FORMAT)? {
+    let version = match get(META_FORMAT)? {
         None => {
             return Err(PartError::corrupt(format!(
                 "missing {META_FORMAT} metadata: not a persist part"
             )));
         }
-        Some(v) if v == FORMAT_VERSION.to_string() => {}
-        Some(v) => {
-            return Err(PartError::UnsupportedFormat {
-                found: v.to_string(),
-                supported: FORMAT_VERSION,
-            });
-        }
-    }
+        // Exactly the decimal a writer writes: no sign, no leading zeros.
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if (1..=FORMAT_VERSION).contains(&n) && n.to_string() == v => n,
+            _ => {
+                return Err(PartError::UnsupportedFormat {
+                    found: v.to_string(),
+                    supported: FORMAT_VERSION,
+                });
+            }
+        },
+    };
     let codec = |key: &str| -> Result<String, PartError> {
         get(key)?
             .map(str::to_string)
             .ok_or_else(|| PartError::corrupt(format!("missing {key} metadata")))
     };
-    Ok(PartCodecs {
+    let codecs = PartCodecs {
         key: codec(META_KEY_CODEC)?,
         val: codec(META_VAL_CODEC)?,
         ts: codec(META_TS_CODEC)?,
         diff: codec(META_DIFF_CODEC)?,
-    })
+    };
+    Ok((version, codecs))
 }
 
 /// Checks the Parquet schema (names, physical types, required, no logical
@@ -373,14 +559,19 @@ fn check_schema(descr: &SchemaDescriptor, arrow: &Schema) -> Result<(), PartErro
     Ok(())
 }
 
+/// The pages of one row group, per column.
+type GroupPages = [Vec<PageRef>; 4];
+
 /// Checks every row group's column chunks and their page headers against
-/// the input, and returns the total number of rows.
+/// the input, and returns the total number of rows and where each row
+/// group's pages are.
 fn check_row_groups(
     bytes: &[u8],
     footer_start: usize,
     meta: &ParquetMetaData,
-) -> Result<usize, PartError> {
+) -> Result<(usize, Vec<GroupPages>), PartError> {
     let mut total = 0usize;
+    let mut groups = Vec::with_capacity(meta.row_groups().len());
     for (rg_idx, rg) in meta.row_groups().iter().enumerate() {
         let rows = usize::try_from(rg.num_rows()).map_err(|_| {
             PartError::corrupt(format!("row group {rg_idx} has {} rows", rg.num_rows()))
@@ -391,7 +582,10 @@ fn check_row_groups(
                 rg.columns().len()
             )));
         }
-        for (chunk, (name, _, min_value_size)) in rg.columns().iter().zip(COLUMNS) {
+        let mut group = GroupPages::default();
+        for ((chunk, pages), (name, _, min_value_size)) in
+            rg.columns().iter().zip(&mut group).zip(COLUMNS)
+        {
             let at = |what: String| format!("row group {rg_idx}, column {name}: {what}");
             let compressed = match chunk.compression() {
                 Compression::UNCOMPRESSED => false,
@@ -427,8 +621,9 @@ fn check_row_groups(
                     chunk.compressed_size()
                 ))));
             };
-            let values = check_pages(bytes, range, compressed, min_value_size)
+            *pages = check_pages(bytes, range, compressed, min_value_size)
                 .map_err(|e| PartError::corrupt(at(e)))?;
+            let values: usize = pages.iter().map(|p| p.values).sum();
             if values != rows {
                 return Err(PartError::corrupt(at(format!(
                     "pages hold {values} values in a row group of {rows} rows"
@@ -438,6 +633,7 @@ fn check_row_groups(
         total = total
             .checked_add(rows)
             .ok_or_else(|| PartError::corrupt("row count overflows"))?;
+        groups.push(group);
     }
     if i64::try_from(total).ok() != Some(meta.file_metadata().num_rows()) {
         return Err(PartError::corrupt(format!(
@@ -445,20 +641,31 @@ fn check_row_groups(
             meta.file_metadata().num_rows()
         )));
     }
-    Ok(total)
+    Ok((total, groups))
 }
 
-/// Walks the pages of one column chunk as the library will, checking each
-/// header; returns the number of values in the chunk.
+/// Where a data page's stored values are in the part, and what its header
+/// (checked against the input) says of them.
+#[derive(Debug, Clone)]
+struct PageRef {
+    data: Range<usize>,
+    compressed: bool,
+    uncompressed: usize,
+    values: usize,
+}
+
+/// Walks the pages of one column chunk, checking each header; returns
+/// where the pages are.
 fn check_pages(
     bytes: &[u8],
-    range: std::ops::Range<usize>,
+    range: Range<usize>,
     compressed: bool,
     min_value_size: usize,
-) -> Result<usize, String> {
+) -> Result<Vec<PageRef>, String> {
     let end = range.end;
     let mut pos = range.start;
     let mut values = 0usize;
+    let mut pages = Vec::new();
     while pos < end {
         let (header, header_len) = thrift::read_page_header(&bytes[pos..end])
             .map_err(|e| format!("bad page header at byte {pos}: {e}"))?;
@@ -512,24 +719,15 @@ fn check_pages(
         values = values
             .checked_add(num_values)
             .ok_or_else(|| "value count overflows".to_string())?;
+        pages.push(PageRef {
+            data: pos..pos + stored,
+            compressed,
+            uncompressed,
+            values: num_values,
+        });
         pos += stored;
     }
-    Ok(values)
-}
-
-/// Column `i` of `batch` as an array of type `A`, checked to have no nulls.
-fn column<A: Array + Clone + 'static>(batch: &RecordBatch, i: usize) -> Result<A, PartError> {
-    let array = batch
-        .columns()
-        .get(i)
-        .ok_or_else(|| PartError::corrupt(format!("column {i} is missing")))?
-        .as_any()
-        .downcast_ref::<A>()
-        .ok_or_else(|| PartError::corrupt(format!("column {i} decoded to the wrong type")))?;
-    if array.null_count() != 0 {
-        return Err(PartError::corrupt(format!("column {i} holds nulls")));
-    }
-    Ok(array.clone())
+    Ok(pages)
 }
 
 #[cfg(test)]

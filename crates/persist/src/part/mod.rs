@@ -26,35 +26,40 @@
 //!
 //! | key | value |
 //! | --- | --- |
-//! | `persist.format` | the format version, currently `"1"` ([`FORMAT_VERSION`]) |
+//! | `persist.format` | the format version, currently `"2"` ([`FORMAT_VERSION`]) |
 //! | `persist.key_codec`, `persist.val_codec` | the `Codec` names of keys and vals |
 //! | `persist.ts_codec`, `persist.diff_codec` | the `Codec64` names of times and diffs |
-//! | `persist.crc32` | the CRC-32 of the updates, as 8 lowercase hex digits (see below) |
+//! | `persist.crc32` | the CRC-32 of the data, as 8 lowercase hex digits (see below) |
 //!
 //! Parquet has no end-to-end checksum: a flipped bit inside a compressed
 //! value can decode into a different value without any error. So the
-//! writer records a CRC-32 over the logical updates (for each row: the key's
-//! length as a little-endian `u64`, the key, the same for the val, then the
-//! time and diff bytes), and [`decode_part`] recomputes it over what it
-//! decoded and refuses a mismatch as corrupt.
+//! writer records a CRC-32 over the data, and [`decode_part`] recomputes it
+//! and refuses a mismatch as corrupt. In version 2 the checksum covers the
+//! uncompressed values of every data page, in file order (row group by row
+//! group, column by column, page by page); compression does not change it,
+//! and both ends hash long contiguous buffers. Version 1 hashed the updates
+//! row by row (for each row: the key's length as a little-endian `u64`,
+//! the key, the same for the val, then the time and diff bytes).
 //!
 //! Writers produce one row group (parts are target-sized, a few MiB) of
-//! version-1 data pages, `PLAIN`-encoded, Snappy-compressed or not (the
-//! writer's choice, see [`PartBuilder::with_compression`]), with no
-//! dictionary pages, no column statistics (the part's own [`PartStats`]
-//! live in shard state) and no page index. Readers
-//! accept any number of row groups, uncompressed or Snappy chunks, and
+//! version-1 data pages of about 1 MiB, `PLAIN`-encoded, Snappy-compressed
+//! or not (the writer's choice, see [`PartBuilder::with_compression`]),
+//! with no dictionary pages, no column statistics (the part's own
+//! [`PartStats`] live in shard state) and no page index. Readers accept any
+//! number of row groups and pages, uncompressed or Snappy chunks, and
 //! nothing else: those encodings are what lets [`decode_part`] bound its
-//! memory by the input's size, so files with dictionary pages, other
-//! codecs or v2 pages are refused as corrupt even if tools read them.
+//! memory by the input's size (and read an uncompressed part's keys and
+//! vals in place), so files with dictionary pages, other codecs or v2 pages
+//! are refused as corrupt even if tools read them.
 //!
 //! # Versions
 //!
-//! Writers always write the newest version, [`FORMAT_VERSION`]. Readers
-//! refuse a version they do not know (a part written by newer code) with
+//! Writers always write the newest version, [`FORMAT_VERSION`]; readers
+//! read every version from 1 up to it. They refuse a version they do not
+//! know (a part written by newer code) with
 //! [`PartError::UnsupportedFormat`], naming the version found, rather than
 //! guessing. A future version that changes the layout bumps the number and
-//! keeps the reader of the old one.
+//! keeps the reader of the old ones.
 //!
 //! # Untrusted input
 //!
@@ -73,7 +78,7 @@ pub use decode::{DecodedPart, decode_part};
 pub use stats::{MAX_STATS_KEY_BYTES, PartStats};
 
 /// The format version this code writes, and the newest one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Metadata key of the format version.
 const META_FORMAT: &str = "persist.format";

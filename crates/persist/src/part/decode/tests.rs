@@ -145,6 +145,56 @@ fn large_values_roundtrip() {
     assert!(part.stats.key_lower.len() <= MAX_STATS_KEY_BYTES);
 }
 
+/// The `persist.crc32` a part recorded.
+fn crc_of(part: &EncodedPart) -> Option<String> {
+    let reader = SerializedFileReader::new(part.bytes.clone()).unwrap();
+    let kv = reader
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .unwrap()
+        .clone();
+    kv.into_iter()
+        .find(|e| e.key == "persist.crc32")
+        .unwrap()
+        .value
+}
+
+#[test]
+fn version_1_parts_checksum_rows_and_still_decode() {
+    let updates = small_updates(300);
+    let opts = EncodeOptions {
+        format_version: "1".into(),
+        max_page_rows: Some(64),
+        ..EncodeOptions::default()
+    };
+    let part = assert_roundtrips(&updates, &opts);
+    // Version 1 hashes the updates row by row.
+    let mut stream = Vec::new();
+    for (k, v, t, d) in &updates {
+        stream.extend((k.len() as u64).to_le_bytes());
+        stream.extend(k);
+        stream.extend((v.len() as u64).to_le_bytes());
+        stream.extend(v);
+        stream.extend(t);
+        stream.extend(d);
+    }
+    assert_eq!(
+        crc_of(&part),
+        Some(format!("{:08x}", crc32fast::hash(&stream)))
+    );
+    // A changed value is caught by that checksum too.
+    let last_val = &updates.last().unwrap().1;
+    let at = part
+        .bytes
+        .windows(last_val.len())
+        .position(|w| w == last_val.as_slice())
+        .unwrap();
+    let mut bytes = part.bytes.to_vec();
+    bytes[at] ^= 1;
+    assert_corrupt(Bytes::from(bytes), "checksum mismatch");
+}
+
 #[test]
 fn uncompressed_parts_roundtrip_and_checksum_alike() {
     let mut updates = small_updates(5000);
@@ -166,33 +216,23 @@ fn uncompressed_parts_roundtrip_and_checksum_alike() {
                 .eq(updates.iter().map(|(k, v, t, d)| (&k[..], &v[..], *t, *d)))
         );
     }
-    // The checksum covers the updates, not their encoding.
-    let crc = |part: &EncodedPart| {
-        let reader = SerializedFileReader::new(part.bytes.clone()).unwrap();
-        let kv = reader
-            .metadata()
-            .file_metadata()
-            .key_value_metadata()
-            .unwrap()
-            .clone();
-        kv.into_iter()
-            .find(|e| e.key == "persist.crc32")
-            .unwrap()
-            .value
-    };
-    assert_eq!(crc(&snappy), crc(&plain));
-    // ... and is the CRC-32 of the stream the module docs define.
+    // The checksum covers the values, not their compression.
+    assert_eq!(crc_of(&snappy), crc_of(&plain));
+    // ... and is the CRC-32 of the stream the module docs define: each
+    // column's `PLAIN` values in turn (one row group here).
     let mut stream = Vec::new();
-    for (k, v, t, d) in &updates {
-        stream.extend((k.len() as u64).to_le_bytes());
+    for (k, ..) in &updates {
+        stream.extend((k.len() as u32).to_le_bytes());
         stream.extend(k);
-        stream.extend((v.len() as u64).to_le_bytes());
-        stream.extend(v);
-        stream.extend(t);
-        stream.extend(d);
     }
+    for (_, v, ..) in &updates {
+        stream.extend((v.len() as u32).to_le_bytes());
+        stream.extend(v);
+    }
+    stream.extend(updates.iter().flat_map(|u| u.2));
+    stream.extend(updates.iter().flat_map(|u| u.3));
     assert_eq!(
-        crc(&plain),
+        crc_of(&plain),
         Some(format!("{:08x}", crc32fast::hash(&stream)))
     );
     assert!(plain.bytes.len() > snappy.bytes.len());
@@ -224,7 +264,7 @@ fn metadata_holds_version_and_codecs() {
             .find(|e| e.key == key)
             .and_then(|e| e.value.clone())
     };
-    assert_eq!(get("persist.format").as_deref(), Some("1"));
+    assert_eq!(get("persist.format").as_deref(), Some("2"));
     assert_eq!(get("persist.key_codec").as_deref(), Some("Vec<u8>"));
     assert_eq!(get("persist.val_codec").as_deref(), Some("String"));
     assert_eq!(get("persist.ts_codec").as_deref(), Some("u64"));
@@ -533,18 +573,16 @@ fn wrong_schema_is_rejected() {
     );
 }
 
-/// A file with the part schema written by another writer's settings.
+/// A file with the part schema written by another writer (`ArrowWriter`)
+/// with other settings: two updates `(k, v, 1, 2)`, checksummed the way
+/// format version 1 does.
 fn foreign_part(props: WriterProperties) -> Bytes {
-    let mut builder = PartBuilder::new(codecs());
-    builder.push(b"k", b"v", [1; 8], [2; 8]);
-    builder.push(b"k", b"v", [1; 8], [2; 8]);
-    let part = decode_part(builder.finish().unwrap().bytes).unwrap();
     let schema = Arc::new(super::super::builder::part_schema());
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(part.keys.clone()),
-        Arc::new(part.vals.clone()),
-        Arc::new(part.times.clone()),
-        Arc::new(part.diffs.clone()),
+        Arc::new(BinaryArray::from_vec(vec![b"k", b"k"])),
+        Arc::new(BinaryArray::from_vec(vec![b"v", b"v"])),
+        Arc::new(Int64Array::from(vec![i64::from_le_bytes([1; 8]); 2])),
+        Arc::new(Int64Array::from(vec![i64::from_le_bytes([2; 8]); 2])),
     ];
     write_parquet(&RecordBatch::try_new(schema, columns).unwrap(), props)
 }
@@ -591,10 +629,22 @@ fn unknown_format_version_is_rejected_by_name() {
         err,
         PartError::UnsupportedFormat {
             found: "999".into(),
-            supported: 1
+            supported: 2
         }
     );
     assert!(err.to_string().contains("999"), "{err}");
+    // Only the exact decimal a writer writes is a known version.
+    for odd in ["0", "02", "+2", " 2", "2.0"] {
+        let opts = EncodeOptions {
+            format_version: odd.into(),
+            ..EncodeOptions::default()
+        };
+        let err = decode_part(encode(&small_updates(3), &opts).bytes).unwrap_err();
+        assert!(
+            matches!(err, PartError::UnsupportedFormat { .. }),
+            "{odd}: {err}"
+        );
+    }
 }
 
 /// Replaces the zigzag varint at `pos` by the largest value of the same
