@@ -152,6 +152,7 @@ mod tests {
     use super::*;
 
     type Owned = (Vec<u8>, Vec<u8>, u64, i64);
+    type Update = ((Vec<u8>, Vec<u8>), u64, i64);
 
     fn rows(run: &[Owned]) -> impl Iterator<Item = Row<'_>> {
         run.iter()
@@ -160,7 +161,7 @@ mod tests {
 
     /// What merging must produce: every update, consolidated, in order.
     fn expected(runs: &[Vec<Owned>]) -> Vec<Owned> {
-        let mut all: Vec<((Vec<u8>, Vec<u8>), u64, i64)> = runs
+        let mut all: Vec<Update> = runs
             .iter()
             .flatten()
             .map(|(k, v, t, d)| ((k.clone(), v.clone()), *t, *d))
