@@ -20,6 +20,7 @@ use crate::cfg::DynamicConfig;
 use crate::error::{ClientError, Codecs, InvalidUsage, ShardError};
 use crate::ids::LeasedReaderId;
 use crate::internal::machine::Backoff;
+use crate::internal::merge::{consolidate_times, merge_sorted_runs};
 use crate::internal::part::check_codecs;
 use crate::internal::state::HollowPart;
 
@@ -392,27 +393,85 @@ impl PartReader {
             });
         }
         let decoded = self.fetch_decoded(&part.part).await?;
-        let mut kept: Vec<BorrowedUpdate<'_, T, D>> = Vec::with_capacity(decoded.len());
-        for (k, v, t, d) in decoded.iter() {
-            let mut t = T::decode(t);
-            if part.keeps(&mut t) {
-                kept.push(((k, v), t, D::decode(d)));
-            }
-        }
-        // Advancing times to a snapshot's as_of can make updates equal.
-        crate::read::consolidate_runs(&mut kept);
-        let updates = kept
-            .into_iter()
-            .map(|((k, v), t, d)| {
-                let k = K::decode(k, key_schema).map_err(|e| e.to_string());
-                let v = V::decode(v, val_schema).map_err(|e| e.to_string());
-                ((k, v), t, d)
-            })
-            .collect::<Vec<_>>();
+        let updates = consolidate_parts(
+            std::slice::from_ref(part),
+            std::slice::from_ref(&decoded),
+            key_schema,
+            val_schema,
+        );
         Ok(FetchedPart {
             updates: updates.into_iter(),
         })
     }
+}
+
+/// The updates of `parts` (decoded as `decoded`, in the same order) that
+/// their filters keep, advanced as the filters say, consolidated across
+/// the parts and decoded into `K` and `V`.
+///
+/// Each part is a sorted run, so they are merged, visiting each update
+/// once, and only surviving keys and values are decoded. A part that is not
+/// sorted (not written by this code) is handled by sorting everything.
+pub(crate) fn consolidate_parts<K, V, T, D>(
+    parts: &[LeasedBatchPart<T>],
+    decoded: &[DecodedPart],
+    key_schema: &K::Schema,
+    val_schema: &V::Schema,
+) -> Vec<FetchedUpdate<K, V, T, D>>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64,
+    D: Semigroup + Codec64,
+{
+    let decode = |k: &[u8], v: &[u8]| {
+        (
+            K::decode(k, key_schema).map_err(|e| e.to_string()),
+            V::decode(v, val_schema).map_err(|e| e.to_string()),
+        )
+    };
+    let len = decoded.iter().map(DecodedPart::len).sum();
+    let mut out = Vec::with_capacity(len);
+    let uniform: Vec<Option<T>> = parts.iter().map(LeasedBatchPart::uniform_time).collect();
+    let mut times: Vec<(T, D)> = Vec::new();
+    let runs = decoded.iter().map(DecodedPart::iter).collect();
+    let merged = merge_sorted_runs(runs, |k, v, rows| {
+        times.clear();
+        for (run, t, d) in rows {
+            let t = match &uniform[*run] {
+                Some(t) => t.clone(),
+                None => {
+                    let mut t = T::decode(*t);
+                    if !parts[*run].keeps(&mut t) {
+                        continue;
+                    }
+                    t
+                }
+            };
+            times.push((t, D::decode(*d)));
+        }
+        consolidate_times(&mut times);
+        out.extend(times.drain(..).map(|(t, d)| (decode(k, v), t, d)));
+    });
+    if merged.is_ok() {
+        return out;
+    }
+    tracing::warn!("a part is not a sorted run; consolidating by sorting");
+    drop(out);
+    let mut updates: Vec<BorrowedUpdate<'_, T, D>> = Vec::with_capacity(len);
+    for (part, data) in parts.iter().zip(decoded) {
+        for (k, v, t, d) in data.iter() {
+            let mut t = T::decode(t);
+            if part.keeps(&mut t) {
+                updates.push(((k, v), t, D::decode(d)));
+            }
+        }
+    }
+    crate::read::consolidate_runs(&mut updates);
+    updates
+        .into_iter()
+        .map(|((k, v), t, d)| (decode(k, v), t, d))
+        .collect()
 }
 
 /// An update with its key and value still encoded, borrowed from a

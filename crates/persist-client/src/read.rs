@@ -18,13 +18,13 @@ use timely::progress::{Antichain, Timestamp};
 
 use crate::error::{ClientError, ShardError, Since};
 use crate::fetch::{
-    BorrowedUpdate, FetchFilter, FetchedPart, FetchedUpdate, LeasedBatchPart, PartReader,
-    SerdeLeasedBatchPart, part_stats,
+    FetchFilter, FetchedPart, FetchedUpdate, LeasedBatchPart, PartReader, SerdeLeasedBatchPart,
+    consolidate_parts, part_stats,
 };
 use crate::ids::LeasedReaderId;
 use crate::internal::heartbeat::{self, ExpireOnDrop, HeartbeatTask, Holder};
 use crate::internal::machine::{Machine, Transition};
-use crate::internal::merge::{consolidate_times, merge_sorted_runs};
+
 use crate::internal::state::{HollowBatch, State};
 use crate::write::duration_ms;
 
@@ -979,58 +979,7 @@ where
         .buffered(SNAPSHOT_FETCH_CONCURRENCY)
         .try_collect()
         .await?;
-    let len = decoded.iter().map(DecodedPart::len).sum();
-    let mut out = Vec::with_capacity(len);
-    // Each part is a sorted run: merge them, decoding only what survives.
-    let uniform: Vec<Option<T>> = parts.iter().map(LeasedBatchPart::uniform_time).collect();
-    let mut times: Vec<(T, D)> = Vec::new();
-    let runs = decoded.iter().map(DecodedPart::iter).collect();
-    let merged = merge_sorted_runs(runs, |k, v, rows| {
-        times.clear();
-        for (run, t, d) in rows {
-            let t = match &uniform[*run] {
-                Some(t) => t.clone(),
-                None => {
-                    let mut t = T::decode(*t);
-                    if !parts[*run].keeps(&mut t) {
-                        continue;
-                    }
-                    t
-                }
-            };
-            times.push((t, D::decode(*d)));
-        }
-        consolidate_times(&mut times);
-        for (t, d) in times.drain(..) {
-            let k = K::decode(k, key_schema).map_err(|e| e.to_string());
-            let v = V::decode(v, val_schema).map_err(|e| e.to_string());
-            out.push(((k, v), t, d));
-        }
-    });
-    if merged.is_ok() {
-        return Ok(out);
-    }
-    // A part that is not a sorted run (not written by this code): sort.
-    tracing::warn!(shard = %reader.shard_id, "a part is not sorted; consolidating by sorting");
-    drop(out);
-    let mut updates: Vec<BorrowedUpdate<'_, T, D>> = Vec::with_capacity(len);
-    for (part, data) in parts.iter().zip(&decoded) {
-        for (k, v, t, d) in data.iter() {
-            let mut t = T::decode(t);
-            if part.keeps(&mut t) {
-                updates.push(((k, v), t, D::decode(d)));
-            }
-        }
-    }
-    consolidate_runs(&mut updates);
-    Ok(updates
-        .into_iter()
-        .map(|((k, v), t, d)| {
-            let k = K::decode(k, key_schema).map_err(|e| e.to_string());
-            let v = V::decode(v, val_schema).map_err(|e| e.to_string());
-            ((k, v), t, d)
-        })
-        .collect())
+    Ok(consolidate_parts(parts, &decoded, key_schema, val_schema))
 }
 
 /// How many parts `snapshot_and_fetch` fetches at once.
