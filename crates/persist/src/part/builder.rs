@@ -13,7 +13,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use arrow_schema::{DataType, Field, Schema};
 use bytes::Bytes;
 use parquet::basic::{Compression, Encoding, Repetition, Type as PhysicalType};
 use parquet::file::metadata::{
@@ -41,18 +40,8 @@ const PAGE_BYTES: usize = 1 << 20;
 /// What the `created_by` field of parts says.
 const CREATED_BY: &str = concat!("persist ", env!("CARGO_PKG_VERSION"));
 
-/// The Arrow schema of a part: `k`, `v` non-null `Binary`; `t`, `d` non-null
-/// `Int64`.
-pub(super) fn part_schema() -> Schema {
-    Schema::new(vec![
-        Field::new(COL_KEY, DataType::Binary, false),
-        Field::new(COL_VAL, DataType::Binary, false),
-        Field::new(COL_TIME, DataType::Int64, false),
-        Field::new(COL_DIFF, DataType::Int64, false),
-    ])
-}
-
-/// The Parquet schema of a part, as [`part_schema`] maps to it.
+/// The Parquet schema of a part: `k`, `v` required `BYTE_ARRAY`; `t`, `d`
+/// required `INT64` (what Arrow maps to non-null `Binary` and `Int64`).
 fn parquet_schema() -> Result<SchemaDescPtr, PartError> {
     let columns = [
         (COL_KEY, PhysicalType::BYTE_ARRAY),

@@ -5,14 +5,11 @@ use std::fmt;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use arrow_schema::Schema;
 use bytes::Bytes;
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::basic::{Compression, ConvertedType, Repetition, Type as PhysicalType};
-use parquet::file::metadata::{KeyValue, PageIndexPolicy, ParquetMetaData};
+use parquet::file::metadata::{KeyValue, PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
 use parquet::schema::types::SchemaDescriptor;
 
-use super::builder::part_schema;
 use super::thrift::{self, ENCODING_PLAIN, PAGE_TYPE_DATA_PAGE};
 use super::{
     COL_DIFF, COL_KEY, COL_TIME, COL_VAL, Checksum, FORMAT_VERSION, META_CRC32, META_DIFF_CODEC,
@@ -186,19 +183,17 @@ pub(super) fn decode_unguarded(bytes: Bytes) -> Result<DecodedPart, PartError> {
     let footer_start = check_envelope(&bytes)?;
     check_schema_shape(&bytes[footer_start..bytes.len() - 8])?;
 
-    let options = ArrowReaderOptions::new()
-        .with_skip_arrow_metadata(true)
-        .with_page_index_policy(PageIndexPolicy::Skip);
-    let meta = ArrowReaderMetadata::load(&bytes, options)
+    let parquet_meta = ParquetMetaDataReader::new()
+        .with_page_index_policy(PageIndexPolicy::Skip)
+        .parse_and_finish(&bytes)
         .map_err(|e| PartError::corrupt(format!("bad Parquet footer: {e}")))?;
-    let parquet_meta = meta.metadata();
     let file_meta = parquet_meta.file_metadata();
     // The version first: a newer format may change everything below.
     let (version, codecs) = read_persist_metadata(file_meta.key_value_metadata())?;
     // Checked once the updates are decoded, so that schema errors come first.
     let recorded_crc = read_checksum(file_meta.key_value_metadata());
-    check_schema(file_meta.schema_descr(), meta.schema())?;
-    let (rows, groups) = check_row_groups(&bytes, footer_start, parquet_meta)?;
+    check_schema(file_meta.schema_descr())?;
+    let (rows, groups) = check_row_groups(&bytes, footer_start, &parquet_meta)?;
 
     // The pages' values, decompressed where needed, in file order.
     let mut values: Vec<[Vec<(Bytes, usize)>; 4]> = Vec::with_capacity(groups.len());
@@ -506,9 +501,9 @@ fn read_persist_metadata(kv: Option<&Vec<KeyValue>>) -> Result<(u32, PartCodecs)
     Ok((version, codecs))
 }
 
-/// Checks the Parquet schema (names, physical types, required, no logical
-/// type) and the Arrow schema derived from it.
-fn check_schema(descr: &SchemaDescriptor, arrow: &Schema) -> Result<(), PartError> {
+/// Checks the Parquet schema: names, physical types, required, no logical
+/// type.
+fn check_schema(descr: &SchemaDescriptor) -> Result<(), PartError> {
     let fields = descr.root_schema().get_fields();
     let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
     if fields.len() != COLUMNS.len() {
@@ -543,18 +538,6 @@ fn check_schema(descr: &SchemaDescriptor, arrow: &Schema) -> Result<(), PartErro
                 "column {name} has a logical type, parts store plain {ty}"
             )));
         }
-    }
-    let expected = part_schema();
-    let matches = arrow.fields().len() == expected.fields().len()
-        && arrow.fields().iter().zip(expected.fields()).all(|(a, e)| {
-            a.name() == e.name()
-                && a.data_type() == e.data_type()
-                && a.is_nullable() == e.is_nullable()
-        });
-    if !matches {
-        return Err(PartError::corrupt(format!(
-            "Arrow schema {arrow:?} differs from the part schema"
-        )));
     }
     Ok(())
 }

@@ -16,6 +16,17 @@ use super::{catch_panics, decode_part, decode_unguarded};
 
 type Update = (Vec<u8>, Vec<u8>, [u8; 8], [u8; 8]);
 
+/// The Arrow schema parts map to: `k`, `v` non-null `Binary`; `t`, `d`
+/// non-null `Int64`.
+fn part_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("k", DataType::Binary, false),
+        Field::new("v", DataType::Binary, false),
+        Field::new("t", DataType::Int64, false),
+        Field::new("d", DataType::Int64, false),
+    ])
+}
+
 fn codecs() -> PartCodecs {
     PartCodecs {
         key: "Vec<u8>".into(),
@@ -577,7 +588,7 @@ fn wrong_schema_is_rejected() {
 /// with other settings: two updates `(k, v, 1, 2)`, checksummed the way
 /// format version 1 does.
 fn foreign_part(props: WriterProperties) -> Bytes {
-    let schema = Arc::new(super::super::builder::part_schema());
+    let schema = Arc::new(part_schema());
     let columns: Vec<ArrayRef> = vec![
         Arc::new(BinaryArray::from_vec(vec![b"k", b"k"])),
         Arc::new(BinaryArray::from_vec(vec![b"v", b"v"])),
