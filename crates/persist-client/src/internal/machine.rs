@@ -1,6 +1,7 @@
 //! The read-modify-CAS loop that applies state transitions through
 //! consensus.
 
+use bytes::Bytes;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -631,25 +632,20 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
                 &next.codecs,
                 &StateDiff::between(&current, &next),
             );
-            let entry = VersionedData {
-                seqno: next.seqno,
-                data: data.clone(),
-            };
             match self
-                .consensus
-                .compare_and_set(&key, Some(current.seqno), entry)
-                .await
+                .write_entry(&key, current.seqno, next.seqno, data.clone(), &mut backoff)
+                .await?
             {
-                Ok(CaSResult::Committed) => {
+                Written::Committed => {
                     let seqno = next.seqno;
                     self.observe(&next, data.len());
                     self.committed(next);
                     return Ok((seqno, result));
                 }
-                Ok(CaSResult::ExpectationMismatch(Some(head))) if head.seqno > current.seqno => {
+                Written::Mismatch(Some(head)) if head.seqno > current.seqno => {
                     self.catch_up(&head).await?;
                 }
-                Ok(CaSResult::ExpectationMismatch(head)) => {
+                Written::Mismatch(head) => {
                     // Heads never move backward or vanish: retrying would
                     // spin forever.
                     let reason = format!(
@@ -662,15 +658,43 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
                         reason,
                     });
                 }
-                Err(err) => {
-                    backoff.wait("write state", self.shard_id, &err).await;
-                    if !err.is_determinate() && self.head_is(&key, &next.seqno, &data).await? {
-                        // The write whose outcome was unknown landed.
-                        let seqno = next.seqno;
-                        self.committed(next);
-                        return Ok((seqno, result));
-                    }
+                Written::Failed => {
                     self.fetch_latest().await?;
+                }
+            }
+        }
+    }
+
+    /// Writes `data` as entry `seqno` of the log at `key` if the head is
+    /// `expected`. After an external failure (waited out with `backoff`),
+    /// an indeterminate one is resolved by reading the log: the write
+    /// either landed (`Committed`) or did not (`Failed`, to retry from a
+    /// fresh state).
+    async fn write_entry(
+        &self,
+        key: &str,
+        expected: SeqNo,
+        seqno: SeqNo,
+        data: Bytes,
+        backoff: &mut Backoff,
+    ) -> Result<Written, MachineError> {
+        let entry = VersionedData {
+            seqno,
+            data: data.clone(),
+        };
+        match self
+            .consensus
+            .compare_and_set(key, Some(expected), entry)
+            .await
+        {
+            Ok(CaSResult::Committed) => Ok(Written::Committed),
+            Ok(CaSResult::ExpectationMismatch(head)) => Ok(Written::Mismatch(head)),
+            Err(err) => {
+                backoff.wait("write state", self.shard_id, &err).await;
+                if !err.is_determinate() && self.head_is(key, &seqno, &data).await? {
+                    Ok(Written::Committed)
+                } else {
+                    Ok(Written::Failed)
                 }
             }
         }
@@ -703,29 +727,16 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
             next.seqno = current.seqno.next();
             next.walltime_ms = now_ms();
             let data = encode_state(&next);
-            let entry = VersionedData {
-                seqno: next.seqno,
-                data: data.clone(),
-            };
             match self
-                .consensus
-                .compare_and_set(&key, Some(current.seqno), entry)
-                .await
+                .write_entry(&key, current.seqno, next.seqno, data, &mut backoff)
+                .await?
             {
-                Ok(CaSResult::Committed) => {
+                Written::Committed => {
                     let seqno = next.seqno;
                     self.cache(next);
                     break seqno;
                 }
-                Ok(CaSResult::ExpectationMismatch(_)) => continue,
-                Err(err) => {
-                    backoff.wait("write state", self.shard_id, &err).await;
-                    if !err.is_determinate() && self.head_is(&key, &next.seqno, &data).await? {
-                        let seqno = next.seqno;
-                        self.cache(next);
-                        break seqno;
-                    }
-                }
+                Written::Mismatch(_) | Written::Failed => continue,
             }
         };
         self.truncate(seqno).await;
@@ -769,6 +780,16 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> Machine<T> {
             }
         }
     }
+}
+
+/// How [`Machine::write_entry`] ended.
+enum Written {
+    /// The entry is in the log.
+    Committed,
+    /// The head was not the expected one; it is this.
+    Mismatch(Option<VersionedData>),
+    /// An external failure, after which the entry is not in the log.
+    Failed,
 }
 
 /// Exponential backoff between retries of external failures.
