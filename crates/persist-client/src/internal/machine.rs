@@ -1,10 +1,10 @@
 //! The read-modify-CAS loop that applies state transitions through
 //! consensus.
 
-use bytes::Bytes;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use differential_dataflow::lattice::Lattice;
 use persist::{Blob, CaSResult, Consensus, ExternalError, SeqNo, VersionedData};
 use persist_types::{Codec64, ShardId};
