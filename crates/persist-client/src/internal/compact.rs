@@ -224,9 +224,6 @@ where
     })
 }
 
-/// An update with its key and value owned.
-type OwnedUpdate<T, D> = ((Vec<u8>, Vec<u8>), T, D);
-
 /// A position in one sorted run: the decoded part being read and the
 /// parts after it.
 struct RunCursor<'a, T> {
@@ -287,13 +284,20 @@ where
     }
     let mut out = RunWriter::<T, D>::new(writer);
     let mut group: Vec<(T, D)> = Vec::new();
+    // The current key and val, copied out of the cursors (which move on
+    // while the group is gathered) into buffers reused from group to group.
+    let (mut key, mut val) = (Vec::new(), Vec::new());
     let result: Result<(), ShardError> = async {
-        while let Some((key, val)) = cursors
-            .iter()
-            .filter_map(|c| c.peek().map(|(k, v, _, _)| (k, v)))
-            .min()
-            .map(|(k, v)| (k.to_vec(), v.to_vec()))
-        {
+        loop {
+            let smallest = cursors
+                .iter()
+                .filter_map(|c| c.peek().map(|(k, v, _, _)| (k, v)))
+                .min();
+            let Some((k, v)) = smallest else { break };
+            key.clear();
+            key.extend_from_slice(k);
+            val.clear();
+            val.extend_from_slice(v);
             group.clear();
             for cursor in &mut cursors {
                 while let Some((k, v, t, d)) = cursor.peek() {
@@ -331,7 +335,11 @@ where
 struct RunWriter<'a, T, D> {
     writer: &'a PartWriter<T>,
     target_size: usize,
-    buffer: Vec<OwnedUpdate<T, D>>,
+    /// The buffered keys and vals, back to back.
+    arena: Vec<u8>,
+    /// The buffered updates: where their key ends and their val ends in
+    /// `arena`, their time and diff.
+    buffer: Vec<(usize, usize, T, D)>,
     buffered_bytes: usize,
     parts: Vec<HollowPart>,
     _phantom: PhantomData<D>,
@@ -346,6 +354,7 @@ where
         RunWriter {
             writer,
             target_size: writer.cfg.get().blob_target_size.max(1),
+            arena: Vec::new(),
             buffer: Vec::new(),
             buffered_bytes: 0,
             parts: Vec::new(),
@@ -355,7 +364,10 @@ where
 
     async fn push(&mut self, key: &[u8], val: &[u8], t: T, d: D) -> Result<(), ShardError> {
         self.buffered_bytes += key.len() + val.len() + 16;
-        self.buffer.push(((key.to_vec(), val.to_vec()), t, d));
+        self.arena.extend_from_slice(key);
+        let key_end = self.arena.len();
+        self.arena.extend_from_slice(val);
+        self.buffer.push((key_end, self.arena.len(), t, d));
         if self.buffered_bytes >= self.target_size {
             self.flush().await?;
         }
@@ -363,13 +375,22 @@ where
     }
 
     async fn flush(&mut self) -> Result<(), ShardError> {
+        let mut start = 0;
         let updates: Vec<crate::fetch::BorrowedUpdate<'_, T, D>> = self
             .buffer
             .iter()
-            .map(|((k, v), t, d)| ((k.as_slice(), v.as_slice()), t.clone(), d.clone()))
+            .map(|(key_end, val_end, t, d)| {
+                let kv = (
+                    &self.arena[start..*key_end],
+                    &self.arena[*key_end..*val_end],
+                );
+                start = *val_end;
+                (kv, t.clone(), d.clone())
+            })
             .collect();
         let written = self.writer.write_part(&updates).await?;
         drop(updates);
+        self.arena.clear();
         self.buffer.clear();
         self.buffered_bytes = 0;
         self.parts.extend(written);
