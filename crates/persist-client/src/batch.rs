@@ -222,6 +222,8 @@ pub struct BatchBuilder<K: Codec, V: Codec, T, D> {
     /// The buffered updates: where their key ends (and their value starts)
     /// and where their value ends in `arena`, their time and diff.
     pub(crate) buffer: Vec<((usize, usize, usize), T, D)>,
+    /// The allocation the last part was encoded into, for the next one.
+    pub(crate) output: Vec<u8>,
     pub(crate) buffered_bytes: usize,
     /// The part size to aim for, read once when the builder is made.
     pub(crate) target_size: usize,
@@ -269,6 +271,7 @@ where
         let BuilderBuffers {
             mut arena,
             mut buffer,
+            output,
         } = buffers;
         arena.clear();
         buffer.clear();
@@ -277,6 +280,7 @@ where
             lower,
             arena,
             buffer,
+            output,
             buffered_bytes: 0,
             target_size,
             maxima: Vec::new(),
@@ -337,7 +341,7 @@ where
             })
             .collect();
         consolidate_runs(&mut updates);
-        let written = self.writer.write_part(&updates).await;
+        let written = self.writer.write_part(&updates, &mut self.output).await;
         drop(updates);
         self.arena.clear();
         self.buffered_bytes = 0;
@@ -404,7 +408,8 @@ impl<K: Codec, V: Codec, T, D> BatchBuilder<K, V, T, D> {
     /// once they outgrew twice the target part size (a huge update), so
     /// that one outlier does not stay allocated.
     pub(crate) fn into_buffers(mut self) -> Option<BuilderBuffers<T, D>> {
-        if self.arena.capacity() > self.target_size.saturating_mul(2) {
+        let limit = self.target_size.saturating_mul(2);
+        if self.arena.capacity() > limit || self.output.capacity() > limit {
             return None;
         }
         self.arena.clear();
@@ -412,6 +417,7 @@ impl<K: Codec, V: Codec, T, D> BatchBuilder<K, V, T, D> {
         Some(BuilderBuffers {
             arena: std::mem::take(&mut self.arena),
             buffer: std::mem::take(&mut self.buffer),
+            output: std::mem::take(&mut self.output),
         })
     }
 }
@@ -421,8 +427,9 @@ impl<K: Codec, V: Codec, T, D> BatchBuilder<K, V, T, D> {
 /// memory that is already allocated (and faulted in) instead of growing
 /// fresh buffers for every batch. Each is bounded by the target part size.
 pub(crate) struct BuilderBuffers<T, D> {
-    arena: Vec<u8>,
-    buffer: Vec<((usize, usize, usize), T, D)>,
+    pub(crate) arena: Vec<u8>,
+    pub(crate) buffer: Vec<((usize, usize, usize), T, D)>,
+    pub(crate) output: Vec<u8>,
 }
 
 impl<T, D> Default for BuilderBuffers<T, D> {
@@ -430,6 +437,7 @@ impl<T, D> Default for BuilderBuffers<T, D> {
         BuilderBuffers {
             arena: Vec::new(),
             buffer: Vec::new(),
+            output: Vec::new(),
         }
     }
 }
@@ -449,9 +457,14 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> PartWriter<T> {
     /// Encodes consolidated `updates` as one part and writes it to a fresh
     /// key, retrying external failures. Returns `None` for no updates.
     #[tracing::instrument(level = "debug", skip_all, fields(shard = %self.shard_id, updates = updates.len()))]
+    ///
+    /// The part is encoded into `scratch`'s allocation, which is handed back
+    /// in `scratch` once the part is stored if the blob kept no reference to
+    /// it (so a stream of parts reuses one buffer).
     pub async fn write_part<D: Semigroup + Codec64>(
         &self,
         updates: &[BorrowedUpdate<'_, T, D>],
+        scratch: &mut Vec<u8>,
     ) -> Result<Option<HollowPart>, ShardError> {
         let Some((_, first, _)) = updates.first() else {
             return Ok(None);
@@ -463,7 +476,8 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> PartWriter<T> {
             ts_upper = ts_upper.join(t);
         }
         // Encoded straight from the caller's (arena-backed) slices.
-        let encoded = persist::part::encode_part(
+        let encoded = persist::part::encode_part_into(
+            std::mem::take(scratch),
             &part_codecs(&self.codecs),
             self.cfg.get().part_compression,
             updates
@@ -485,12 +499,16 @@ impl<T: Timestamp + Lattice + Codec64 + Sync> PartWriter<T> {
                 Err(err) => backoff.wait("write part", self.shard_id, &err).await,
             }
         }
+        let stats = encoded.stats;
+        if let Ok(unique) = encoded.bytes.try_into_mut() {
+            *scratch = Vec::from(unique);
+        }
         Ok(Some(HollowPart {
             key,
-            len: encoded.stats.len,
-            encoded_size_bytes: encoded.stats.encoded_size_bytes,
-            key_lower: encoded.stats.key_lower,
-            key_upper: encoded.stats.key_upper,
+            len: stats.len,
+            encoded_size_bytes: stats.encoded_size_bytes,
+            key_lower: stats.key_lower,
+            key_upper: stats.key_upper,
             ts_lower: ts_lower.encode(),
             ts_upper: ts_upper.encode(),
         }))

@@ -340,6 +340,8 @@ struct RunWriter<'a, T, D> {
     /// The buffered updates: where their key ends and their val ends in
     /// `arena`, their time and diff.
     buffer: Vec<(usize, usize, T, D)>,
+    /// The allocation the last part was encoded into, for the next one.
+    output: Vec<u8>,
     buffered_bytes: usize,
     parts: Vec<HollowPart>,
     _phantom: PhantomData<D>,
@@ -356,6 +358,7 @@ where
             target_size: writer.cfg.get().blob_target_size.max(1),
             arena: Vec::new(),
             buffer: Vec::new(),
+            output: Vec::new(),
             buffered_bytes: 0,
             parts: Vec::new(),
             _phantom: PhantomData,
@@ -388,7 +391,7 @@ where
                 (kv, t.clone(), d.clone())
             })
             .collect();
-        let written = self.writer.write_part(&updates).await?;
+        let written = self.writer.write_part(&updates, &mut self.output).await?;
         drop(updates);
         self.arena.clear();
         self.buffer.clear();

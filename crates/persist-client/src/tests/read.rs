@@ -292,3 +292,46 @@ async fn lease_returner_releases_parts_of_its_reader_only() {
     .expect("returned");
     assert!(!read.leases.is_leased(seqno), "every part came back");
 }
+
+/// A write handle keeps its batch buffers, the encoded part's allocation
+/// included once the blob is done with it, and reuses them: later batches
+/// encode into the same memory and read back the same.
+#[tokio::test]
+async fn write_handles_reuse_their_part_buffers() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = persist::file::FileBlob::open(dir.path()).await.unwrap();
+    let client = PersistClient::new(
+        PersistConfig::new_for_tests(),
+        Arc::new(blob),
+        Arc::new(MemConsensus::default()),
+    );
+    let (mut write, mut read) =
+        expect_open::<String, String, u64, i64>(&client, ShardId::new()).await;
+    let at = |t: u64, data: &[Update]| -> Vec<Update> {
+        data.iter().map(|(kv, _, d)| (kv.clone(), t, *d)).collect()
+    };
+    let data = updates(25);
+    let first = at(0, &data[..25]);
+    expect_compare_and_append(&mut write, &first, 0, 1).await;
+    let output = write.spare_buffers.output.as_ptr();
+    assert!(
+        write.spare_buffers.output.capacity() > 0,
+        "the part's buffer came back"
+    );
+    let arena = write.spare_buffers.arena.capacity();
+    assert!(arena > 0);
+    // The same keys again, so the part is no larger than the first.
+    let second = at(1, &data[..25]);
+    expect_compare_and_append(&mut write, &second, 1, 2).await;
+    assert_eq!(
+        write.spare_buffers.output.as_ptr(),
+        output,
+        "the same allocation"
+    );
+    assert_eq!(write.spare_buffers.arena.capacity(), arena);
+    let mut written = first;
+    written.extend(second);
+    let mut got = expect_snapshot_and_fetch(&mut read, 1).await;
+    got.sort();
+    assert_eq!(got, all_ok(&written, 1));
+}

@@ -85,7 +85,29 @@ pub fn encode_part<'a, I>(
 where
     I: Iterator<Item = PartUpdate<'a>> + Clone,
 {
-    encode_with(codecs, compress, updates, &EncodeOptions::default())
+    encode_with(
+        Vec::new(),
+        codecs,
+        compress,
+        updates,
+        &EncodeOptions::default(),
+    )
+}
+
+/// [`encode_part`] into `buf` (cleared first), whose allocation becomes
+/// the part's bytes: a caller that gets its buffer back once the part is
+/// stored (see [`bytes::Bytes::try_into_mut`]) can encode the next part
+/// without allocating and touching fresh memory.
+pub fn encode_part_into<'a, I>(
+    buf: Vec<u8>,
+    codecs: &PartCodecs,
+    compress: bool,
+    updates: I,
+) -> Result<EncodedPart, PartError>
+where
+    I: Iterator<Item = PartUpdate<'a>> + Clone,
+{
+    encode_with(buf, codecs, compress, updates, &EncodeOptions::default())
 }
 
 /// Accumulates updates in memory and encodes them as one part.
@@ -205,7 +227,7 @@ impl PartBuilder {
             start = val_end;
             update
         });
-        encode_with(&self.codecs, self.compress, updates, opts)
+        encode_with(Vec::new(), &self.codecs, self.compress, updates, opts)
     }
 }
 
@@ -262,6 +284,7 @@ impl Column {
 
 /// [`encode_part`] with test knobs.
 fn encode_with<'a, I>(
+    mut out: Vec<u8>,
     codecs: &PartCodecs,
     compress: bool,
     updates: I,
@@ -292,8 +315,10 @@ where
     let data_bytes = key_bytes + val_bytes + 16 * len;
     // Page headers take under 32 bytes each; the footer about 600.
     let pages = data_bytes / PAGE_BYTES + 8;
+    out.clear();
+    out.reserve(data_bytes + pages * 32 * 4 + 4096);
     let mut writer = PageWriter {
-        out: Vec::with_capacity(data_bytes + pages * 32 * 4 + 4096),
+        out,
         compress,
         plain: Vec::new(),
         compressed: Vec::new(),

@@ -73,7 +73,7 @@ mod decode;
 mod stats;
 mod thrift;
 
-pub use builder::{EncodedPart, PartBuilder, PartUpdate, encode_part};
+pub use builder::{EncodedPart, PartBuilder, PartUpdate, encode_part, encode_part_into};
 pub use decode::{DecodedPart, decode_part};
 pub use stats::{MAX_STATS_KEY_BYTES, PartStats};
 
