@@ -255,8 +255,17 @@ enum Column {
 impl Column {
     const ALL: [Column; 4] = [Column::Key, Column::Val, Column::Time, Column::Diff];
 
+    /// The size of every value of this column, if it is fixed.
+    fn fixed_size(self) -> Option<usize> {
+        match self {
+            Column::Key | Column::Val => None,
+            Column::Time | Column::Diff => Some(8),
+        }
+    }
+
     /// The bytes `u`'s value of this column takes `PLAIN`-encoded: binaries
     /// take a little-endian `u32` length then the bytes, `INT64`s 8 bytes.
+    #[inline]
     fn size(self, u: &PartUpdate<'_>) -> usize {
         match self {
             Column::Key => 4 + u.0.len(),
@@ -268,6 +277,7 @@ impl Column {
     /// Appends `u`'s value of this column, `PLAIN`-encoded. (A little-endian
     /// `i64` is stored as its 8 bytes, so the `Codec64` bytes are the value
     /// as they are.) Binary lengths were checked to fit in `u32`.
+    #[inline]
     fn write(self, u: &PartUpdate<'_>, out: &mut Vec<u8>) {
         let binary = |value: &[u8], out: &mut Vec<u8>| {
             out.extend_from_slice(&(value.len() as u32).to_le_bytes());
@@ -448,26 +458,35 @@ impl PageWriter {
         let mut left = rows;
         while left > 0 {
             // Size the page first: its header precedes it.
-            let (mut count, mut bytes) = (0usize, 0usize);
-            for u in values.clone().take(left.min(page_rows)) {
-                if bytes >= PAGE_BYTES {
-                    break;
+            let max = left.min(page_rows);
+            let (count, bytes) = match column.fixed_size() {
+                Some(size) => {
+                    let count = max.min(PAGE_BYTES.div_ceil(size));
+                    (count, count * size)
                 }
-                count += 1;
-                bytes += column.size(&u);
-            }
-            if count == 0 {
-                return Err(PartError::Encode {
-                    reason: "the updates changed while being encoded".to_string(),
-                });
-            }
+                None => {
+                    let (mut count, mut bytes) = (0usize, 0usize);
+                    for u in values.clone().take(max) {
+                        if bytes >= PAGE_BYTES {
+                            break;
+                        }
+                        count += 1;
+                        bytes += column.size(&u);
+                    }
+                    (count, bytes)
+                }
+            };
+            check_written(count, count.max(1))?;
             let header_at = self.out.len();
             let (size, count_i32) = (to_i32(bytes)?, to_i32(count)?);
             if self.compress {
                 self.plain.clear();
+                let mut written = 0;
                 for u in values.by_ref().take(count) {
                     column.write(&u, &mut self.plain);
+                    written += 1;
                 }
+                check_written(written, count)?;
                 self.crc.update(&self.plain);
                 self.compressed
                     .resize(snap::raw::max_compress_len(self.plain.len()), 0);
@@ -481,10 +500,14 @@ impl PageWriter {
             } else {
                 write_data_page_header(&mut self.out, size, size, count_i32);
                 uncompressed += self.out.len() - header_at + bytes;
+                self.out.reserve(bytes);
                 let data_at = self.out.len();
+                let mut written = 0;
                 for u in values.by_ref().take(count) {
                     column.write(&u, &mut self.out);
+                    written += 1;
                 }
+                check_written(written, count)?;
                 self.crc.update(&self.out[data_at..]);
             }
             left -= count;
@@ -493,6 +516,18 @@ impl PageWriter {
             offset: to_i64(offset)?,
             stored: to_i64(self.out.len() - offset)?,
             uncompressed: to_i64(uncompressed)?,
+        })
+    }
+}
+
+/// Fails unless an iteration over the updates yielded the `expected`
+/// number of them (the iterator must yield the same updates every time).
+fn check_written(written: usize, expected: usize) -> Result<(), PartError> {
+    if written == expected {
+        Ok(())
+    } else {
+        Err(PartError::Encode {
+            reason: "the updates changed while being encoded".to_string(),
         })
     }
 }
