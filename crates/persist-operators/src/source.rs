@@ -45,6 +45,7 @@ use tracing::{debug, error, trace};
 
 use crate::builder::{AsyncOperatorBuilder, AsyncOutput, Event, ShutdownButton};
 use crate::error::SourceError;
+use crate::own_appends::{Bounds, OwnAppends};
 
 /// Whether a [`shard_source`] emits the shard's contents at its `as_of`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,32 +211,84 @@ where
     D: Semigroup + Codec64 + Send + Sync,
     F: FnMut(&PartStats, AntichainRef<'_, T>) -> bool + 'static,
 {
-    let chosen_worker = usize::try_from(args.name.as_str().hashed() % scope.peers() as u64)
-        .expect("a worker index fits in usize");
+    shard_source_with(scope, args, should_fetch_part, ReadBackHooks::default()).0
+}
+
+/// What a sink reading its own shard back asks of its source beyond a
+/// plain [`shard_source`].
+#[derive(Debug)]
+pub(crate) struct ReadBackHooks<T> {
+    /// The worker that reads descriptions, instead of the one the name
+    /// hashes to (it must be the worker holding `own_appends`).
+    pub chosen_worker: Option<usize>,
+    /// Listen steps wholly inside the sink's own appends recorded here are
+    /// not fetched: their parts' leases are returned at once, and the
+    /// appends are sent on the `own_appends` stream instead (at the step's
+    /// lower, so before the frontier passes them).
+    pub own_appends: Option<OwnAppends<T>>,
+}
+
+impl<T> Default for ReadBackHooks<T> {
+    fn default() -> Self {
+        ReadBackHooks {
+            chosen_worker: None,
+            own_appends: None,
+        }
+    }
+}
+
+/// A hooked source's collections, and the own appends it did not fetch.
+pub(crate) type ReadBackOutput<'scope, K, V, T, D> = (
+    SourceOutput<'scope, K, V, T, D>,
+    StreamVec<'scope, T, Bounds<T>>,
+);
+
+/// [`shard_source`] with the read-back hooks of a sink; also returns the
+/// own appends it skipped (on the chosen worker only).
+pub(crate) fn shard_source_with<'scope, K, V, T, D, F>(
+    scope: Scope<'scope, T>,
+    args: ShardSourceArgs<K, V, T>,
+    should_fetch_part: F,
+    hooks: ReadBackHooks<T>,
+) -> ReadBackOutput<'scope, K, V, T, D>
+where
+    K: Codec + Clone,
+    V: Codec + Clone,
+    T: Timestamp + Lattice + Codec64 + TotalOrder + Sync,
+    D: Semigroup + Codec64 + Send + Sync,
+    F: FnMut(&PartStats, AntichainRef<'_, T>) -> bool + 'static,
+{
+    let chosen_worker = match hooks.chosen_worker {
+        Some(worker) => worker,
+        None => usize::try_from(args.name.as_str().hashed() % scope.peers() as u64)
+            .expect("a worker index fits in usize"),
+    };
     // The lease returns flow back against the dataflow's direction; the
     // edge adds no time (nothing the returns feed reaches the parts again).
     let (returns_handle, returns) = scope.feedback::<Vec<SerdeLeasedBatchPart>>(Default::default());
     let shared = Rc::new(RefCell::new(ChosenState::default()));
 
-    let (descs, descs_err, descs_button) = render_descs::<K, V, T, D, F>(
+    let (descs, descs_err, own_appends, descs_button) = render_descs::<K, V, T, D, F>(
         scope,
         &args,
         chosen_worker,
         Rc::clone(&shared),
         should_fetch_part,
+        hooks.own_appends,
     );
     let returns_button = render_returns::<K, V, T, D>(scope, &args, chosen_worker, returns, shared);
     let (ok, fetch_err, fetched, fetch_button) = render_fetch::<K, V, T, D>(descs, &args);
     fetched.connect_loop(returns_handle);
 
     let err = timely::dataflow::operators::Concat::concat(descs_err, fetch_err);
-    SourceOutput {
+    let output = SourceOutput {
         ok: ok.as_collection(),
         err: err.as_collection(),
         token: SourceToken {
             _buttons: vec![descs_button, fetch_button, returns_button],
         },
-    }
+    };
+    (output, own_appends)
 }
 
 /// What the chosen worker's `descs` operator hands its `lease returns`
@@ -278,6 +331,7 @@ fn downgrade_all<T: Timestamp + TotalOrder>(
 type DescsOutputs<'scope, T> = (
     StreamVec<'scope, T, (u64, SerdeLeasedBatchPart)>,
     StreamVec<'scope, T, (SourceError, T, i64)>,
+    StreamVec<'scope, T, Bounds<T>>,
     ShutdownButton,
 );
 
@@ -287,6 +341,7 @@ fn render_descs<'scope, K, V, T, D, F>(
     chosen_worker: usize,
     shared: Rc<RefCell<ChosenState<K, V, T, D>>>,
     mut should_fetch_part: F,
+    own_appends: Option<OwnAppends<T>>,
 ) -> DescsOutputs<'scope, T>
 where
     K: Codec,
@@ -303,6 +358,7 @@ where
     );
     let (mut parts_out, parts) = builder.new_output::<(u64, SerdeLeasedBatchPart)>();
     let (mut err_out, errs) = builder.new_output::<(SourceError, T, i64)>();
+    let (mut own_out, own_stream) = builder.new_output::<Bounds<T>>();
     let worker = scope.index();
     let peers = scope.peers() as u64;
     let client = args.client.clone();
@@ -385,7 +441,23 @@ where
         if PartialOrder::less_equal(&until, &frontier) {
             return;
         }
-        emit(snapshot, &frontier, &caps[0], &mut parts_out);
+        let own = match (&own_appends, mode) {
+            (Some(own), SnapshotMode::Include) => {
+                own.covering_through(&Antichain::from_elem(T::minimum()), &as_of)
+                    .await
+            }
+            _ => None,
+        };
+        match own {
+            Some(mut appends) => {
+                trace!(%shard, source = %name, "own appends in the snapshot not fetched");
+                for part in snapshot {
+                    returner.return_leased_part(part);
+                }
+                own_out.give_container(&caps[2], &mut appends);
+            }
+            None => emit(snapshot, &frontier, &caps[0], &mut parts_out),
+        }
         let mut listen = match reader.listen(as_of.clone()).await {
             Ok(listen) => listen,
             Err(err) => {
@@ -409,14 +481,29 @@ where
                     return std::future::pending().await;
                 }
             };
-            emit(parts, &frontier, &caps[0], &mut parts_out);
+            let own = match &own_appends {
+                Some(own) => own.covering(&frontier, &progress).await,
+                None => None,
+            };
+            match own {
+                Some(mut appends) => {
+                    // The sink wrote these itself: it learns them from
+                    // its appends' bounds, without fetching.
+                    trace!(%shard, source = %name, ?progress, "own append not fetched");
+                    for part in parts {
+                        returner.return_leased_part(part);
+                    }
+                    own_out.give_container(&caps[2], &mut appends);
+                }
+                None => emit(parts, &frontier, &caps[0], &mut parts_out),
+            }
             debug!(%shard, source = %name, ?progress, "shard_source progress");
             frontier = progress;
             downgrade_all(&mut caps, &frontier);
         }
         shared.borrow_mut().finished_listen = Some(listen);
     });
-    (parts, errs, button)
+    (parts, errs, own_stream, button)
 }
 
 fn render_returns<'scope, K, V, T, D>(

@@ -6,10 +6,13 @@ mod common;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 use differential_dataflow::AsCollection;
-use persist_client::{Diagnostics, PersistClient};
+use persist::mem::{MemBlob, MemConsensus};
+use persist::{Blob, BlobMetadata, ExternalError};
+use persist_client::{Diagnostics, PersistClient, PersistConfig};
 use persist_operators::{
     PersistSinkArgs, Record, RecordSchema, ShardSourceArgs, SinkToken, persist_sink, shard_source,
 };
@@ -390,4 +393,168 @@ fn errors_roundtrip_as_error_rows() {
         vec![(err, 1), (kv.clone(), 1)]
     );
     assert_eq!(at(&snapshot(&rt, &client, shard, 4), 4), vec![(kv, 1)]);
+}
+
+/// A blob that counts the parts fetched from it (keys whose last segment
+/// is a part id, `p...`).
+#[derive(Debug)]
+struct CountingBlob {
+    inner: MemBlob,
+    part_gets: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Blob for CountingBlob {
+    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, ExternalError> {
+        if key
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.starts_with('p'))
+        {
+            self.part_gets.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.get(key).await
+    }
+
+    async fn list_keys_and_metadata(
+        &self,
+        key_prefix: &str,
+        f: &mut (dyn FnMut(BlobMetadata) + Send),
+    ) -> Result<(), ExternalError> {
+        self.inner.list_keys_and_metadata(key_prefix, f).await
+    }
+
+    async fn set(&self, key: &str, value: bytes::Bytes) -> Result<(), ExternalError> {
+        self.inner.set(key, value).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<Option<usize>, ExternalError> {
+        self.inner.delete(key).await
+    }
+}
+
+/// A sink alone on its shard writes every time without fetching a single
+/// part: it accounts for its own appends from the batches it wrote instead
+/// of reading them back. The shard still ends up right.
+#[test]
+fn sink_does_not_fetch_its_own_appends() {
+    for workers in [1, 4] {
+        let rt = runtime();
+        let part_gets = Arc::new(AtomicUsize::new(0));
+        let blob = CountingBlob {
+            inner: MemBlob::new(),
+            part_gets: Arc::clone(&part_gets),
+        };
+        let mut cfg = PersistConfig::new_for_tests();
+        // Compaction reads parts too; this test is about the sink.
+        cfg.compaction_enabled = false;
+        let client = PersistClient::new(cfg, Arc::new(blob), Arc::new(MemConsensus::new()));
+        let shard = ShardId::new();
+        let _hold = hold_since(&rt, &client, shard);
+        let handle = rt.handle().clone();
+        let c = client.clone();
+        on_workers(workers, move |worker| {
+            let args = Sink::new("alone", c.clone(), shard, handle.clone());
+            let (mut input, token) = worker.dataflow(|scope| sink_of(scope, args));
+            let me = worker.index();
+            for t in 0..TIMES {
+                for u in generated(me, t) {
+                    input.send(u);
+                }
+                input.advance_to(t + 1);
+                worker.step();
+            }
+            step_until(worker, "the sink", || !token.less_equal(&(TIMES - 1)));
+        });
+        assert_eq!(
+            part_gets.load(Ordering::SeqCst),
+            0,
+            "{workers} workers: the sink fetched parts it wrote"
+        );
+        let expected = expected(workers, TIMES);
+        let actual = snapshot(&rt, &client, shard, TIMES - 1);
+        assert_equal_at(&actual, &expected, [TIMES - 1]);
+        assert!(part_gets.load(Ordering::SeqCst) > 0, "the check counts");
+    }
+}
+
+/// Another writer appends wrong data between the sink's own appends (the
+/// sink fetches that step, and not its own): from the next time on, the
+/// sink has corrected it.
+#[test]
+fn sink_corrects_a_foreign_append_between_its_own() {
+    for workers in [1, 4] {
+        let rt = runtime();
+        let client = rt.block_on(PersistClient::new_for_tests());
+        let shard = ShardId::new();
+        let _hold = hold_since(&rt, &client, shard);
+        let handle = rt.handle().clone();
+        let c = client.clone();
+        const INTRUSION: u64 = 5;
+        let results = on_workers(workers, move |worker| {
+            let collected = Rc::new(RefCell::new(Vec::new()));
+            let args = Sink::new("intruded", c.clone(), shard, handle.clone());
+            let (mut input, token) = worker.dataflow(|scope| sink_of(scope, args));
+            let sink_collected = Rc::clone(&collected);
+            let (probe, _source) = worker
+                .dataflow(|scope| read_back(scope, "reader", &c, shard, &handle, sink_collected));
+            let me = worker.index();
+            for t in 0..TIMES {
+                if t == INTRUSION {
+                    // Every worker's input is at INTRUSION, so the sink
+                    // cannot append past it: the shard's upper is there.
+                    step_until(worker, "the sink", || !token.less_equal(&(INTRUSION - 1)));
+                    if me == 0 {
+                        intrude(&handle, &c, shard, INTRUSION);
+                    }
+                }
+                for u in generated(me, t) {
+                    input.send(u);
+                }
+                input.advance_to(t + 1);
+                worker.step();
+            }
+            step_until(worker, "the sink", || !token.less_equal(&(TIMES - 1)));
+            drop(input);
+            step_until(worker, "the read back", || probe.done());
+            collected.borrow().clone()
+        });
+        let actual: Vec<Update> = results.into_iter().flatten().collect();
+        let expected = expected(workers, TIMES);
+        // Right before the intrusion, wrong at it (the sink cannot rewrite
+        // a time once the upper passed it), right again after it.
+        assert_equal_at(&actual, &expected, 0..INTRUSION);
+        assert_ne!(at(&actual, INTRUSION), at(&expected, INTRUSION));
+        assert_equal_at(&actual, &expected, INTRUSION + 1..TIMES + 2);
+    }
+}
+
+/// Appends wrong rows at `time` as another writer would, if the shard's
+/// upper is exactly `time`.
+fn intrude(handle: &tokio::runtime::Handle, client: &PersistClient, shard: ShardId, time: u64) {
+    handle.block_on(async {
+        let mut writer = client
+            .open_writer::<Row, (), u64, i64>(
+                shard,
+                Arc::new(RecordSchema::default()),
+                Arc::new(Default::default()),
+                Diagnostics::for_tests(),
+            )
+            .await
+            .expect("valid usage");
+        let wrong = vec![
+            ((Row::Data("intruder".into(), "x".into()), ()), time, 1i64),
+            ((Row::Data("w0-t0-1".into(), "v0".into()), ()), time, -1),
+        ];
+        writer
+            .compare_and_append(
+                &wrong,
+                Antichain::from_elem(time),
+                Antichain::from_elem(time + 1),
+            )
+            .await
+            .expect("valid usage")
+            .expect("the shard's upper is at the intrusion");
+        writer.expire().await;
+    });
 }

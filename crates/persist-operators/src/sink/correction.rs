@@ -135,6 +135,15 @@ impl<D: Ord + Clone> Correction<D> {
         out
     }
 
+    /// Forgets every update at a time not at or after `upper`: the shard
+    /// now holds them (the sink's own append wrote exactly these).
+    pub(crate) fn clear_before(&mut self, upper: &Antichain<u64>) {
+        match upper.as_option() {
+            Some(&upper) => self.buckets = self.buckets.split_off(&upper),
+            None => self.buckets.clear(),
+        }
+    }
+
     /// How many updates the buffer holds (not necessarily consolidated).
     pub(crate) fn len(&self) -> usize {
         self.buckets.values().map(|b| b.updates.len()).sum()
@@ -175,6 +184,16 @@ mod tests {
         c.advance_since(&Antichain::new());
         assert_eq!(c.len(), 0);
         c.insert(vec![("z", 9, 1)], false);
+        assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn clearing_forgets_only_earlier_times() {
+        let mut c = Correction::new();
+        c.insert(vec![("a", 1, 1), ("b", 3, 1), ("c", 4, -1)], false);
+        c.clear_before(&upto(4));
+        assert_eq!(c.updates_before(&upto(10)), vec![("c", 4, -1)]);
+        c.clear_before(&Antichain::new());
         assert_eq!(c.len(), 0);
     }
 

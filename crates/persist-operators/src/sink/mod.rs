@@ -57,8 +57,9 @@ use timely::{ExchangeData, PartialOrder};
 use tokio::sync::watch;
 
 use crate::builder::ShutdownButton;
+use crate::own_appends::OwnAppends;
 use crate::record::{Record, RecordSchema};
-use crate::source::{ShardSourceArgs, SourceToken, shard_source};
+use crate::source::{ReadBackHooks, ShardSourceArgs, SourceToken, shard_source_with};
 
 /// What a sink's shard holds: rows of the ok collection and of the error
 /// collection, as keys, with `()` values, `u64` times and `i64` diffs.
@@ -282,7 +283,16 @@ where
         val_schema: Arc::new(Default::default()),
         runtime: args.runtime.clone(),
     };
-    let persist = shard_source::<_, _, u64, i64, _>(scope, source_args, |_, _| true);
+    // The appending worker records its successful appends; the read-back
+    // source, on the same worker, does not fetch what they wrote but tells
+    // `write` about them, which accounts for them from its own batches.
+    let own = OwnAppends::new();
+    let hooks = ReadBackHooks {
+        chosen_worker: Some(active_worker),
+        own_appends: Some(own.clone()),
+    };
+    let (persist, own_appends) =
+        shard_source_with::<_, _, u64, i64, _>(scope, source_args, |_, _| true, hooks);
     let shard = args.shard_id;
     let sink_name = args.name.clone();
     persist.err.inner.inspect(move |(err, time, _)| {
@@ -303,9 +313,10 @@ where
         mint.desired_err,
         persist_ok,
         persist_err,
+        own_appends,
         mint.descs.clone(),
     );
-    let append = append::render(&args, active_worker, mint.descs, write.batches);
+    let append = append::render(&args, active_worker, mint.descs, write.batches, own);
     SinkToken {
         _source: persist.token,
         _buttons: vec![mint.button, write.button, append],

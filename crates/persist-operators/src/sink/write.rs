@@ -1,5 +1,7 @@
 //! The sink's `write` operator: every worker writes its share of a batch.
 
+use std::collections::VecDeque;
+
 use differential_dataflow::Hashable;
 use persist_client::TransmittableBatch;
 use timely::PartialOrder;
@@ -15,6 +17,7 @@ use super::{
     BatchDescription, PersistSinkArgs, SinkData, SinkWriteHandle, advance, meet, open_writer,
 };
 use crate::builder::{AsyncInput, AsyncOperatorBuilder, Event, ShutdownButton};
+use crate::own_appends::Bounds;
 use crate::record::Record;
 
 /// The stream `write` produces.
@@ -25,7 +28,12 @@ pub(super) struct Written<'scope> {
 }
 
 /// One worker's view: its share of `desired - persist`, the frontiers of
-/// the four inputs, and the description it is working on.
+/// its inputs, and the description it is working on.
+///
+/// What the shard holds is learnt from the read-back source: the updates it
+/// fetched (subtracted from the buffer), and the bounds of the sink's own
+/// appends it did not fetch (for which the buffer is cleared, since the
+/// shard holds exactly the batch this worker wrote).
 struct WriteState<K, V, E> {
     ok: Correction<(K, V)>,
     err: Correction<E>,
@@ -33,26 +41,83 @@ struct WriteState<K, V, E> {
     desired_err: Antichain<u64>,
     persist_ok: Antichain<u64>,
     persist_err: Antichain<u64>,
+    /// The frontier of the read-back source's own-appends stream.
+    own_frontier: Antichain<u64>,
+    /// Own appends received but not yet taken in, in order.
+    own_pending: VecDeque<BatchDescription>,
+    /// How far the shard's contents are accounted for in the buffer (see
+    /// [`WriteState::persist`]).
+    known: Antichain<u64>,
     /// The latest valid description and a capability at its lower.
     desc: Option<(BatchDescription, Capability<u64>)>,
+    /// The description this worker last wrote its whole share of
+    /// `desired - persist` for (possibly nothing, if its share was empty).
+    written: Option<BatchDescription>,
 }
 
 impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
+    /// The frontier up to which the shard's contents are accounted for:
+    /// every update at a time not at or after it is in the buffer (negated)
+    /// or cancelled there by an own append.
     fn persist(&self) -> Antichain<u64> {
-        meet(&self.persist_ok, &self.persist_err)
+        self.known.clone()
     }
 
-    /// Takes in a move of the shard's frontier: the buffer's times before it
-    /// no longer matter, and a description whose lower it passed can no
-    /// longer be appended.
-    fn persist_advanced(&mut self) {
-        let persist = self.persist();
-        self.ok.advance_since(&persist);
-        self.err.advance_since(&persist);
-        if let Some((desc, _)) = &self.desc
-            && PartialOrder::less_than(&desc.lower, &persist)
-        {
-            self.desc = None;
+    /// Moves the known frontier as far as the read-back inputs allow,
+    /// taking in own appends in order on the way. Then the buffer's times
+    /// before it no longer matter, and a description whose lower it passed
+    /// can no longer be appended.
+    fn read_back_advanced(&mut self) {
+        // Both kinds of read-back input are complete before this: fetched
+        // data and own appends (an own append comes at its step's lower).
+        let mut known = meet(
+            &meet(&self.persist_ok, &self.persist_err),
+            &self.own_frontier,
+        );
+        if PartialOrder::less_than(&known, &self.known) {
+            known.clone_from(&self.known);
+        }
+        while let Some(desc) = self.own_pending.front() {
+            if !PartialOrder::less_equal(&desc.lower, &known) {
+                break;
+            }
+            let desc = self.own_pending.pop_front().expect("a front element");
+            if self.written.as_ref() == Some(&desc) {
+                // The shard holds this worker's batch as written: before its
+                // upper, desired and persist are now equal.
+                self.ok.clear_before(&desc.upper);
+                self.err.clear_before(&desc.upper);
+                self.written = None;
+            }
+            trace!(?desc, "own append accounted for");
+            if PartialOrder::less_than(&known, &desc.upper) {
+                known = desc.upper;
+            }
+        }
+        if PartialOrder::less_than(&self.known, &known) {
+            self.known = known;
+            self.ok.advance_since(&self.known);
+            self.err.advance_since(&self.known);
+            if let Some((desc, _)) = &self.desc
+                && PartialOrder::less_than(&desc.lower, &self.known)
+            {
+                self.desc = None;
+            }
+        }
+    }
+
+    /// Read-back updates, to subtract. Those at times before the known
+    /// frontier are dropped: data arrives before its input's frontier
+    /// passes it, so they can only come from the sink's own appends,
+    /// already accounted for.
+    fn persisted<D: Ord + Clone>(
+        known: &Antichain<u64>,
+        correction: &mut Correction<D>,
+        mut updates: Vec<(D, u64, i64)>,
+    ) {
+        updates.retain(|(_, t, _)| known.less_equal(t));
+        if !updates.is_empty() {
+            correction.insert(updates, true);
         }
     }
 
@@ -84,6 +149,7 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
         let oks = self.ok.updates_before(&desc.upper);
         let errs = self.err.updates_before(&desc.upper);
         if oks.is_empty() && errs.is_empty() {
+            self.written = Some(desc);
             return None;
         }
         let count = oks.len() + errs.len();
@@ -101,6 +167,7 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
             Ok(batch) => {
                 let buffered = self.ok.len() + self.err.len();
                 debug!(?desc, count, buffered, "wrote a batch");
+                self.written = Some(desc);
                 Some((batch.into_transmittable_batch(), cap))
             }
             Err(err) => {
@@ -126,6 +193,7 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
     desired_err: StreamVec<'scope, u64, (E, u64, i64)>,
     persist_ok: StreamVec<'scope, u64, ((K, V), u64, i64)>,
     persist_err: StreamVec<'scope, u64, (E, u64, i64)>,
+    own_appends: StreamVec<'scope, u64, Bounds<u64>>,
     descs: StreamVec<'scope, u64, BatchDescription>,
 ) -> Written<'scope> {
     let scope = desired_ok.scope();
@@ -143,6 +211,7 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
     let mut persist_ok = builder.new_disconnected_input(persist_ok, Exchange::new(by_ok));
     let mut persist_err = builder.new_disconnected_input(persist_err, Exchange::new(by_err));
     let mut descs = builder.new_input_for(descs.broadcast(), Pipeline, &[batches_out.index()]);
+    let mut own_appends = builder.new_disconnected_input(own_appends.broadcast(), Pipeline);
     let client = args.client.clone();
     let shard = args.shard_id;
     let schema = std::sync::Arc::clone(&args.schema);
@@ -165,7 +234,11 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
             desired_err: Antichain::from_elem(0),
             persist_ok: Antichain::from_elem(0),
             persist_err: Antichain::from_elem(0),
+            own_frontier: Antichain::from_elem(0),
+            own_pending: VecDeque::new(),
+            known: Antichain::from_elem(0),
             desc: None,
+            written: None,
         };
         loop {
             if desired_ok.is_closed()
@@ -173,6 +246,7 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
                 && persist_ok.is_closed()
                 && persist_err.is_closed()
                 && descs.is_closed()
+                && own_appends.is_closed()
             {
                 break;
             }
@@ -186,15 +260,30 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
                     Event::Progress(f) => { advance(&mut state.desired_err, &f); }
                 },
                 Some(event) = next_or_done(&mut persist_ok) => match event {
-                    Event::Data { data, .. } => state.ok.insert(data, true),
+                    Event::Data { data, .. } => {
+                        WriteState::<K, V, E>::persisted(&state.known, &mut state.ok, data);
+                    }
                     Event::Progress(f) => if advance(&mut state.persist_ok, &f) {
-                        state.persist_advanced();
+                        state.read_back_advanced();
                     },
                 },
                 Some(event) = next_or_done(&mut persist_err) => match event {
-                    Event::Data { data, .. } => state.err.insert(data, true),
+                    Event::Data { data, .. } => {
+                        WriteState::<K, V, E>::persisted(&state.known, &mut state.err, data);
+                    }
                     Event::Progress(f) => if advance(&mut state.persist_err, &f) {
-                        state.persist_advanced();
+                        state.read_back_advanced();
+                    },
+                },
+                Some(event) = next_or_done(&mut own_appends) => match event {
+                    Event::Data { data, .. } => {
+                        state.own_pending.extend(data.into_iter().map(|(lower, upper)| {
+                            BatchDescription { lower, upper }
+                        }));
+                        state.read_back_advanced();
+                    }
+                    Event::Progress(f) => if advance(&mut state.own_frontier, &f) {
+                        state.read_back_advanced();
                     },
                 },
                 Some(event) = next_or_done(&mut descs) => {
