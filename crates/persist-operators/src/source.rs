@@ -31,7 +31,8 @@ use differential_dataflow::lattice::Lattice;
 use differential_dataflow::{AsCollection, Hashable, VecCollection};
 use persist::part::PartStats;
 use persist_client::{
-    Diagnostics, LeaseReturner, LeasedBatchPart, Listen, PersistClient, SerdeLeasedBatchPart,
+    BatchFetcher, Diagnostics, LeaseReturner, LeasedBatchPart, Listen, PersistClient,
+    SerdeLeasedBatchPart,
 };
 use persist_types::{Codec, Codec64, ShardId};
 use timely::PartialOrder;
@@ -198,15 +199,16 @@ pub struct SourceToken {
 /// shut down.
 ///
 /// Requires a totally ordered time: parts are emitted at the single time the
-/// listen has reached.
+/// listen has reached. Keys and values must be `Send`: parts are fetched
+/// and decoded on the runtime's threads, not on the worker's.
 pub fn shard_source<'scope, K, V, T, D, F>(
     scope: Scope<'scope, T>,
     args: ShardSourceArgs<K, V, T>,
     should_fetch_part: F,
 ) -> SourceOutput<'scope, K, V, T, D>
 where
-    K: Codec + Clone,
-    V: Codec + Clone,
+    K: Codec + Clone + Send,
+    V: Codec + Clone + Send,
     T: Timestamp + Lattice + Codec64 + TotalOrder + Sync,
     D: Semigroup + Codec64 + Send + Sync,
     F: FnMut(&PartStats, AntichainRef<'_, T>) -> bool + 'static,
@@ -252,8 +254,8 @@ pub(crate) fn shard_source_with<'scope, K, V, T, D, F>(
     hooks: ReadBackHooks<T>,
 ) -> ReadBackOutput<'scope, K, V, T, D>
 where
-    K: Codec + Clone,
-    V: Codec + Clone,
+    K: Codec + Clone + Send,
+    V: Codec + Clone + Send,
     T: Timestamp + Lattice + Codec64 + TotalOrder + Sync,
     D: Semigroup + Codec64 + Send + Sync,
     F: FnMut(&PartStats, AntichainRef<'_, T>) -> bool + 'static,
@@ -550,6 +552,67 @@ where
     })
 }
 
+/// A fetched part's updates and the errors met decoding it.
+type Fetched<K, V, T, D> = (Vec<((K, V), T, D)>, Vec<(SourceError, T, i64)>);
+
+/// Fetches `part` (blob key `key`) and decodes its updates not at or
+/// after `until`;
+/// what cannot be fetched or decoded becomes errors (an unreadable part's
+/// at `err_time`).
+async fn fetch_part<K, V, T, D>(
+    fetcher: Result<Arc<BatchFetcher<K, V, T, D>>, String>,
+    part: &LeasedBatchPart<T>,
+    key: String,
+    until: &Antichain<T>,
+    shard: ShardId,
+    err_time: T,
+) -> Fetched<K, V, T, D>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64 + Sync,
+    D: Semigroup + Codec64 + Send + Sync,
+{
+    let fetched = match &fetcher {
+        Ok(fetcher) => fetcher
+            .fetch_leased_part(part)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(err) => Err(err.clone()),
+    };
+    let mut oks = Vec::new();
+    let mut errs = Vec::new();
+    match fetched {
+        Ok(updates) => {
+            oks.reserve(updates.size_hint().0);
+            for ((key, val), t, d) in updates {
+                if until.less_equal(&t) {
+                    continue;
+                }
+                match (key, val) {
+                    (Ok(key), Ok(val)) => oks.push(((key, val), t, d)),
+                    (Err(reason), _) => {
+                        errs.push((SourceError::UndecodableKey { shard, reason }, t, 1))
+                    }
+                    (_, Err(reason)) => {
+                        errs.push((SourceError::UndecodableVal { shard, reason }, t, 1))
+                    }
+                }
+            }
+        }
+        Err(reason) => {
+            error!(%shard, part = %key, %reason, "part unreadable");
+            let error = SourceError::UnreadablePart {
+                shard,
+                part: key,
+                reason,
+            };
+            errs.push((error, err_time, 1));
+        }
+    }
+    (oks, errs)
+}
+
 type FetchOutputs<'scope, K, V, T, D> = (
     StreamVec<'scope, T, ((K, V), T, D)>,
     StreamVec<'scope, T, (SourceError, T, i64)>,
@@ -562,8 +625,8 @@ fn render_fetch<'scope, K, V, T, D>(
     args: &ShardSourceArgs<K, V, T>,
 ) -> FetchOutputs<'scope, K, V, T, D>
 where
-    K: Codec + Clone,
-    V: Codec + Clone,
+    K: Codec + Clone + Send,
+    V: Codec + Clone + Send,
     T: Timestamp + Lattice + Codec64 + Sync,
     D: Semigroup + Codec64 + Send + Sync,
 {
@@ -584,6 +647,7 @@ where
     let shard = args.shard_id;
     let until = args.until.clone();
     let name = args.name.clone();
+    let runtime = args.runtime.clone();
     let (key_schema, val_schema) = (Arc::clone(&args.key_schema), Arc::clone(&args.val_schema));
     let button = builder.build(move |caps| async move {
         drop(caps);
@@ -591,6 +655,7 @@ where
         let fetcher = client
             .create_batch_fetcher::<K, V, T, D>(shard, key_schema, val_schema, diagnostics)
             .await
+            .map(Arc::new)
             .map_err(|err| err.to_string());
         while let Some(event) = input.next().await {
             let Event::Data { caps, data, .. } = event else {
@@ -598,50 +663,41 @@ where
             };
             let [ok_cap, err_cap, done_cap] = <[_; 3]>::try_from(caps)
                 .unwrap_or_else(|_| unreachable!("the input is connected to three outputs"));
-            let mut oks = Vec::new();
-            let mut errs = Vec::new();
-            let mut done = Vec::with_capacity(data.len());
-            for (_, part) in data {
-                let key = part.key().to_owned();
-                let part = LeasedBatchPart::<T>::from_exchangeable(part);
-                let fetched = match &fetcher {
-                    Ok(fetcher) => fetcher
-                        .fetch_leased_part(&part)
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Err(err) => Err(err.clone()),
-                };
-                match fetched {
-                    Ok(updates) => {
-                        for ((key, val), t, d) in updates {
-                            if until.less_equal(&t) {
-                                continue;
-                            }
-                            match (key, val) {
-                                (Ok(key), Ok(val)) => oks.push(((key, val), t, d)),
-                                (Err(reason), _) => {
-                                    errs.push((SourceError::UndecodableKey { shard, reason }, t, 1))
-                                }
-                                (_, Err(reason)) => {
-                                    errs.push((SourceError::UndecodableVal { shard, reason }, t, 1))
-                                }
-                            }
-                        }
+            // Fetch and decode on the runtime, all parts at once: the
+            // worker thread stays free for the rest of the dataflow.
+            let fetches: Vec<_> = data
+                .into_iter()
+                .map(|(_, part)| {
+                    let fetcher = fetcher.clone();
+                    let until = until.clone();
+                    let err_time = err_cap.time().clone();
+                    runtime.spawn(async move {
+                        let key = part.key().to_owned();
+                        let part = LeasedBatchPart::<T>::from_exchangeable(part);
+                        let decoded =
+                            fetch_part(fetcher, &part, key, &until, shard, err_time).await;
+                        (decoded, part.into_exchangeable_part())
+                    })
+                })
+                .collect();
+            let mut done = Vec::with_capacity(fetches.len());
+            for fetch in fetches {
+                match fetch.await {
+                    Ok(((mut oks, mut errs), part)) => {
+                        ok_out.give_container(&ok_cap, &mut oks);
+                        err_out.give_container(&err_cap, &mut errs);
+                        done.push(part);
                     }
-                    Err(reason) => {
-                        error!(%shard, part = %key, %reason, "part unreadable");
-                        let error = SourceError::UnreadablePart {
-                            shard,
-                            part: key,
-                            reason,
-                        };
-                        errs.push((error, err_cap.time().clone(), 1));
+                    Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                    Err(err) => {
+                        // The runtime is shutting down: hold the frontier
+                        // rather than claim the part's updates were
+                        // emitted.
+                        error!(%shard, %err, "fetching a part was cancelled");
+                        return std::future::pending().await;
                     }
                 }
-                done.push(part.into_exchangeable_part());
             }
-            ok_out.give_container(&ok_cap, &mut oks);
-            err_out.give_container(&err_cap, &mut errs);
             done_out.give_container(&done_cap, &mut done);
         }
     });

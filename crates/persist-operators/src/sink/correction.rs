@@ -114,8 +114,9 @@ impl<D: Ord + Clone> Correction<D> {
         }
     }
 
-    /// The consolidated updates at times not at or after `upper` (they stay
-    /// in the buffer until the shard reflects them).
+    /// The consolidated updates at times not at or after `upper`, left in
+    /// the buffer (to look at it in tests).
+    #[cfg(test)]
     pub(crate) fn updates_before(&mut self, upper: &Antichain<u64>) -> Vec<(D, u64, i64)> {
         let mut out = Vec::new();
         let mut emptied = Vec::new();
@@ -131,6 +132,23 @@ impl<D: Ord + Clone> Correction<D> {
         }
         for time in emptied {
             self.buckets.remove(&time);
+        }
+        out
+    }
+
+    /// Removes and returns the updates at times not at or after `upper`,
+    /// not consolidated (whoever takes them consolidates once).
+    pub(crate) fn take_before(&mut self, upper: &Antichain<u64>) -> Vec<(D, u64, i64)> {
+        let earlier = match upper.as_option() {
+            Some(&upper) => {
+                let later = self.buckets.split_off(&upper);
+                std::mem::replace(&mut self.buckets, later)
+            }
+            None => std::mem::take(&mut self.buckets),
+        };
+        let mut out = Vec::with_capacity(earlier.values().map(|b| b.updates.len()).sum());
+        for (time, bucket) in earlier {
+            out.extend(bucket.updates.into_iter().map(|(d, r)| (d, time, r)));
         }
         out
     }
@@ -184,6 +202,27 @@ mod tests {
         c.advance_since(&Antichain::new());
         assert_eq!(c.len(), 0);
         c.insert(vec![("z", 9, 1)], false);
+        assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn taking_removes_earlier_times() {
+        let mut c = Correction::new();
+        c.insert(
+            vec![("a", 1, 1), ("b", 3, 1), ("a", 1, 1), ("c", 4, -1)],
+            false,
+        );
+        let mut taken = c.take_before(&upto(4));
+        taken.sort();
+        assert_eq!(taken, vec![("a", 1, 1), ("a", 1, 1), ("b", 3, 1)]);
+        assert_eq!(c.updates_before(&upto(10)), vec![("c", 4, -1)]);
+        // Put back, they count again.
+        c.insert(taken, false);
+        assert_eq!(
+            c.updates_before(&upto(10)),
+            vec![("a", 1, 2), ("b", 3, 1), ("c", 4, -1)]
+        );
+        assert_eq!(c.take_before(&Antichain::new()).len(), 3);
         assert_eq!(c.len(), 0);
     }
 

@@ -66,10 +66,11 @@ use crate::source::{ReadBackHooks, ShardSourceArgs, SourceToken, shard_source_wi
 pub type SinkWriteHandle<K, V, E> = WriteHandle<Record<K, V, E>, (), u64, i64>;
 
 /// The types a sink writes: persist codecs that timely can exchange and
-/// differential can consolidate.
-pub trait SinkData: Codec + ExchangeData + Clone + Ord + Hash + Debug {}
+/// differential can consolidate, and that the runtime's threads can encode
+/// (`Send + Sync`).
+pub trait SinkData: Codec + ExchangeData + Clone + Ord + Hash + Debug + Sync {}
 
-impl<X: Codec + ExchangeData + Clone + Ord + Hash + Debug> SinkData for X {}
+impl<X: Codec + ExchangeData + Clone + Ord + Hash + Debug + Sync> SinkData for X {}
 
 /// Where and how a [`persist_sink`] writes.
 pub struct PersistSinkArgs<K: Codec, V: Codec, E: Codec> {

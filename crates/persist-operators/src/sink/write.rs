@@ -51,8 +51,18 @@ struct WriteState<K, V, E> {
     /// The latest valid description and a capability at its lower.
     desc: Option<(BatchDescription, Capability<u64>)>,
     /// The description this worker last wrote its whole share of
-    /// `desired - persist` for (possibly nothing, if its share was empty).
-    written: Option<BatchDescription>,
+    /// `desired - persist` for, until the shard shows whether it was
+    /// appended.
+    in_flight: Option<InFlight<K, V, E>>,
+}
+
+/// A description this worker wrote its share for, with the updates it
+/// took out of the buffer for it: they go back in if the shard moves past
+/// the description's lower without the sink's own append of it.
+struct InFlight<K, V, E> {
+    desc: BatchDescription,
+    oks: Vec<((K, V), u64, i64)>,
+    errs: Vec<(E, u64, i64)>,
 }
 
 impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
@@ -82,17 +92,29 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
                 break;
             }
             let desc = self.own_pending.pop_front().expect("a front element");
-            if self.written.as_ref() == Some(&desc) {
+            if self.in_flight.as_ref().is_some_and(|f| f.desc == desc) {
                 // The shard holds this worker's batch as written: before its
-                // upper, desired and persist are now equal.
+                // upper, desired and persist are now equal (whatever was
+                // read back of it meanwhile included). Its updates are
+                // freed on the runtime, off the worker thread.
+                if let Some(f) = self.in_flight.take() {
+                    drop(tokio::spawn(async move { drop(f) }));
+                }
                 self.ok.clear_before(&desc.upper);
                 self.err.clear_before(&desc.upper);
-                self.written = None;
             }
             trace!(?desc, "own append accounted for");
             if PartialOrder::less_than(&known, &desc.upper) {
                 known = desc.upper;
             }
+        }
+        if let Some(f) = &self.in_flight
+            && PartialOrder::less_than(&f.desc.lower, &known)
+        {
+            // The shard moved past the lower without this worker's batch
+            // (another writer won, or the append failed), or it was read
+            // back like anyone's: the updates are owed again.
+            self.restore();
         }
         if PartialOrder::less_than(&self.known, &known) {
             self.known = known;
@@ -102,6 +124,19 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
                 && PartialOrder::less_than(&desc.lower, &self.known)
             {
                 self.desc = None;
+            }
+        }
+    }
+
+    /// Puts the updates of the description in flight back in the buffer.
+    fn restore(&mut self) {
+        if let Some(f) = self.in_flight.take() {
+            trace!(desc = ?f.desc, "own batch not appended as written");
+            if !f.oks.is_empty() {
+                self.ok.insert(f.oks, false);
+            }
+            if !f.errs.is_empty() {
+                self.err.insert(f.errs, false);
             }
         }
     }
@@ -136,6 +171,10 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
     /// Writes the batch of the current description if both the shard (up
     /// to its lower) and the desired collection (up to its upper) are known.
     /// An empty share writes nothing but still releases the description.
+    ///
+    /// The updates are taken out of the buffer and consolidated and encoded
+    /// on the runtime, off the worker thread; they are kept aside until the
+    /// shard shows whether the batch was appended.
     async fn maybe_write(
         &mut self,
         writer: &mut SinkWriteHandle<K, V, E>,
@@ -146,36 +185,126 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
             return None;
         }
         let (desc, cap) = self.desc.take()?;
-        let oks = self.ok.updates_before(&desc.upper);
-        let errs = self.err.updates_before(&desc.upper);
+        // Resolved before the known frontier reached this lower; never in
+        // flight here, but owed again if it were.
+        self.restore();
+        let oks = self.ok.take_before(&desc.upper);
+        let errs = self.err.take_before(&desc.upper);
         if oks.is_empty() && errs.is_empty() {
-            self.written = Some(desc);
+            self.in_flight = Some(InFlight { desc, oks, errs });
             return None;
         }
-        let count = oks.len() + errs.len();
-        let updates = oks
-            .into_iter()
-            .map(|((k, v), t, r)| ((Record::Data(k, v), ()), t, r))
-            .chain(
-                errs.into_iter()
-                    .map(|(e, t, r)| ((Record::Error(e), ()), t, r)),
-            );
-        match writer
-            .batch(updates, desc.lower.clone(), desc.upper.clone())
-            .await
-        {
-            Ok(batch) => {
+        let builder = writer.builder(desc.lower.clone());
+        let upper = desc.upper.clone();
+        let written = match tokio::spawn(write_batch(builder, oks, errs, upper)).await {
+            Ok(written) => written,
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(err) => {
+                // The runtime is shutting down, with this worker's updates
+                // in the task: hold the description so that no incomplete
+                // batch set is appended for it.
+                error!(?desc, %err, "sink's batch writing was cancelled");
+                return std::future::pending().await;
+            }
+        };
+        let count = written.oks.len() + written.errs.len();
+        let in_flight = InFlight {
+            desc,
+            oks: written.oks,
+            errs: written.errs,
+        };
+        match written.batch {
+            Ok(Some(batch)) => {
                 let buffered = self.ok.len() + self.err.len();
-                debug!(?desc, count, buffered, "wrote a batch");
-                self.written = Some(desc);
+                debug!(desc = ?in_flight.desc, count, buffered, "wrote a batch");
+                self.in_flight = Some(in_flight);
                 Some((batch.into_transmittable_batch(), cap))
             }
+            Ok(None) => {
+                self.in_flight = Some(in_flight);
+                None
+            }
             Err(err) => {
-                // The updates stay in the buffer: a later batch writes them.
-                error!(?desc, %err, "sink cannot write a batch");
+                // Back in the buffer: a later batch writes them.
+                error!(desc = ?in_flight.desc, %err, "sink cannot write a batch");
+                self.in_flight = Some(in_flight);
+                self.restore();
                 None
             }
         }
+    }
+}
+
+type SinkBatch<K, V, E> = persist_client::Batch<Record<K, V, E>, (), u64, i64>;
+type SinkBatchBuilder<K, V, E> = persist_client::BatchBuilder<Record<K, V, E>, (), u64, i64>;
+
+/// What [`write_batch`] did: the batch (none if there were no updates) and
+/// the updates, handed back.
+struct WrittenBatch<K, V, E> {
+    batch: Result<Option<SinkBatch<K, V, E>>, String>,
+    oks: Vec<((K, V), u64, i64)>,
+    errs: Vec<(E, u64, i64)>,
+}
+
+/// Writes `oks` and `errs` with `builder` as a batch ending at `upper`.
+///
+/// They need not be consolidated: the builder consolidates their encoded
+/// forms (cheaper than comparing decoded keys), and updates that cancel
+/// across parts of a large batch are still a correct batch.
+async fn write_batch<K: SinkData, V: SinkData, E: SinkData>(
+    mut builder: SinkBatchBuilder<K, V, E>,
+    oks: Vec<((K, V), u64, i64)>,
+    errs: Vec<(E, u64, i64)>,
+    upper: Antichain<u64>,
+) -> WrittenBatch<K, V, E> {
+    if oks.is_empty() && errs.is_empty() {
+        return WrittenBatch {
+            batch: Ok(None),
+            oks,
+            errs,
+        };
+    }
+    let mut failed = None;
+    // Records own their fields: wrap each update to encode it, then unwrap
+    // it again, so nothing is cloned.
+    let mut kept_oks = Vec::with_capacity(oks.len());
+    for ((k, v), t, r) in oks {
+        let record = Record::Data(k, v);
+        if failed.is_none()
+            && let Err(err) = builder.add(&record, &(), &t, &r).await
+        {
+            failed = Some(err.to_string());
+        }
+        if let Record::Data(k, v) = record {
+            kept_oks.push(((k, v), t, r));
+        }
+    }
+    let mut kept_errs = Vec::with_capacity(errs.len());
+    for (e, t, r) in errs {
+        let record = Record::Error(e);
+        if failed.is_none()
+            && let Err(err) = builder.add(&record, &(), &t, &r).await
+        {
+            failed = Some(err.to_string());
+        }
+        if let Record::Error(e) = record {
+            kept_errs.push((e, t, r));
+        }
+    }
+    let batch = match failed {
+        // The parts written so far are never referenced; they stay behind
+        // in blob until the shard is finalized.
+        Some(err) => Err(err),
+        None => builder
+            .finish(upper)
+            .await
+            .map(Some)
+            .map_err(|err| err.to_string()),
+    };
+    WrittenBatch {
+        batch,
+        oks: kept_oks,
+        errs: kept_errs,
     }
 }
 
@@ -238,7 +367,7 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
             own_pending: VecDeque::new(),
             known: Antichain::from_elem(0),
             desc: None,
-            written: None,
+            in_flight: None,
         };
         loop {
             if desired_ok.is_closed()
