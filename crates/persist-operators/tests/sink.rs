@@ -558,3 +558,51 @@ fn intrude(handle: &tokio::runtime::Handle, client: &PersistClient, shard: Shard
         writer.expire().await;
     });
 }
+
+/// A share too large for one batch is written as several, encoded in
+/// parallel; an insert and its retraction at the same time may land in
+/// different ones. The shard still holds exactly the desired collection.
+#[test]
+fn large_shares_split_into_several_batches() {
+    const BIG: u64 = 30_000;
+    for workers in [1, 4] {
+        let rt = runtime();
+        let client = rt.block_on(PersistClient::new_for_tests());
+        let shard = ShardId::new();
+        let _hold = hold_since(&rt, &client, shard);
+        let handle = rt.handle().clone();
+        let c = client.clone();
+        on_workers(workers, move |worker| {
+            let args = Sink::new("large", c.clone(), shard, handle.clone());
+            let (mut input, token) = worker.dataflow(|scope| sink_of(scope, args));
+            let me = worker.index();
+            for i in 0..BIG {
+                input.send(((format!("w{me}-big-{i:05}"), "v".to_owned()), 0, 1));
+            }
+            // Cancels the first insert, from the far end of the buffer.
+            input.send(((format!("w{me}-big-00000"), "v".to_owned()), 0, -1));
+            input.advance_to(1);
+            input.send(((format!("w{me}-big-00001"), "v".to_owned()), 1, -1));
+            input.advance_to(2);
+            step_until(worker, "the sink", || !token.less_equal(&1));
+        });
+        for (time, dropped) in [(0, 1), (1, 2)] {
+            let mut expected: Vec<((String, String), i64)> = (0..workers)
+                .flat_map(|w| {
+                    (dropped..BIG).map(move |i| ((format!("w{w}-big-{i:05}"), "v".to_owned()), 1))
+                })
+                .collect();
+            expected.sort();
+            let actual = at(&snapshot(&rt, &client, shard, time), time);
+            assert_eq!(
+                actual.len(),
+                expected.len(),
+                "{workers} workers, time {time}"
+            );
+            assert!(
+                actual == expected,
+                "{workers} workers: contents differ at {time}"
+            );
+        }
+    }
+}

@@ -178,7 +178,7 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
     async fn maybe_write(
         &mut self,
         writer: &mut SinkWriteHandle<K, V, E>,
-    ) -> Option<(TransmittableBatch, Capability<u64>)> {
+    ) -> Option<(Vec<TransmittableBatch>, Capability<u64>)> {
         let (desc, _) = self.desc.as_ref()?;
         let desired = meet(&self.desired_ok, &self.desired_err);
         if desc.lower != self.persist() || !PartialOrder::less_equal(&desc.upper, &desired) {
@@ -194,46 +194,77 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
             self.in_flight = Some(InFlight { desc, oks, errs });
             return None;
         }
-        let builder = writer.builder(desc.lower.clone());
-        let upper = desc.upper.clone();
-        let written = match tokio::spawn(write_batch(builder, oks, errs, upper)).await {
-            Ok(written) => written,
-            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-            Err(err) => {
-                // The runtime is shutting down, with this worker's updates
-                // in the task: hold the description so that no incomplete
-                // batch set is appended for it.
-                error!(?desc, %err, "sink's batch writing was cancelled");
-                return std::future::pending().await;
-            }
-        };
-        let count = written.oks.len() + written.errs.len();
-        let in_flight = InFlight {
+        // A large share is split into batches encoded in parallel (append
+        // appends all of a description's batches as one).
+        let count = oks.len() + errs.len();
+        let chunks = (count / MIN_SPLIT_UPDATES)
+            .min(tokio::runtime::Handle::current().metrics().num_workers())
+            .max(1);
+        let chunk_len = oks.len().div_ceil(chunks).max(1);
+        let mut oks = oks.into_iter();
+        let mut errs = Some(errs);
+        let tasks: Vec<_> = (0..chunks)
+            .map(|_| {
+                let chunk: Vec<_> = oks.by_ref().take(chunk_len).collect();
+                let errs = errs.take().unwrap_or_default();
+                let builder = writer.builder(desc.lower.clone());
+                tokio::spawn(write_batch(builder, chunk, errs, desc.upper.clone()))
+            })
+            .collect();
+        let mut in_flight = InFlight {
             desc,
-            oks: written.oks,
-            errs: written.errs,
+            oks: Vec::with_capacity(count),
+            errs: Vec::new(),
         };
-        match written.batch {
-            Ok(Some(batch)) => {
-                let buffered = self.ok.len() + self.err.len();
-                debug!(desc = ?in_flight.desc, count, buffered, "wrote a batch");
-                self.in_flight = Some(in_flight);
-                Some((batch.into_transmittable_batch(), cap))
-            }
-            Ok(None) => {
-                self.in_flight = Some(in_flight);
-                None
-            }
-            Err(err) => {
-                // Back in the buffer: a later batch writes them.
-                error!(desc = ?in_flight.desc, %err, "sink cannot write a batch");
-                self.in_flight = Some(in_flight);
-                self.restore();
-                None
+        let mut batches = Vec::with_capacity(chunks);
+        let mut failed = None;
+        for task in tasks {
+            let written = match task.await {
+                Ok(written) => written,
+                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                Err(err) => {
+                    // The runtime is shutting down, with this worker's
+                    // updates in the task: hold the description so that no
+                    // incomplete set of batches is appended for it.
+                    error!(desc = ?in_flight.desc, %err, "sink's batch writing was cancelled");
+                    return std::future::pending().await;
+                }
+            };
+            in_flight.oks.extend(written.oks);
+            in_flight.errs.extend(written.errs);
+            match written.batch {
+                Ok(Some(batch)) => batches.push(batch),
+                Ok(None) => {}
+                Err(err) => failed = Some(err),
             }
         }
+        if let Some(err) = failed {
+            // Back in the buffer: a later batch writes them.
+            error!(desc = ?in_flight.desc, %err, "sink cannot write a batch");
+            for batch in batches {
+                batch.delete().await;
+            }
+            self.in_flight = Some(in_flight);
+            self.restore();
+            return None;
+        }
+        let buffered = self.ok.len() + self.err.len();
+        debug!(desc = ?in_flight.desc, count, batches = batches.len(), buffered, "wrote batches");
+        self.in_flight = Some(in_flight);
+        if batches.is_empty() {
+            return None;
+        }
+        let batches = batches
+            .into_iter()
+            .map(|batch| batch.into_transmittable_batch())
+            .collect();
+        Some((batches, cap))
     }
 }
+
+/// A worker's share of a description is split into parallel batches of at
+/// least this many updates each (at most one per runtime thread).
+const MIN_SPLIT_UPDATES: usize = 8192;
 
 type SinkBatch<K, V, E> = persist_client::Batch<Record<K, V, E>, (), u64, i64>;
 type SinkBatchBuilder<K, V, E> = persist_client::BatchBuilder<Record<K, V, E>, (), u64, i64>;
@@ -426,8 +457,8 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
                 },
                 else => {}
             }
-            if let Some((batch, cap)) = state.maybe_write(&mut writer).await {
-                batches_out.give(&cap, batch);
+            if let Some((mut batches, cap)) = state.maybe_write(&mut writer).await {
+                batches_out.give_container(&cap, &mut batches);
             }
         }
         writer.expire().await;
