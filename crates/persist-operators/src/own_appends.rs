@@ -108,9 +108,6 @@ impl<T: Timestamp> OwnAppends<T> {
         lower: &Antichain<T>,
         through: &Antichain<T>,
     ) -> Option<Vec<Bounds<T>>> {
-        // The appends that may hold such times are those starting at or
-        // before `through`: ask about `[lower, through]` as if it ended
-        // just after it.
         self.covering_until(lower, |covered| PartialOrder::less_than(through, covered))
             .await
     }

@@ -10,10 +10,11 @@
 //!
 //! ```text
 //!   desired ok/err ---> mint ---(passed through)---> write ---batches---> append
-//!                        |  \                        ^  ^                   ^
-//!                        |   `--descs (broadcast)----'  |                   |
-//!                        `---descs (same worker)--------+-------------------'
-//!   shard (read back) ----------------------------------'
+//!                        |  \                        ^  ^                   ^  |
+//!                        |   `--descs (broadcast)----'  |                   |  | own appends
+//!                        `---descs (same worker)--------+-------------------'  v
+//!   read-back source (on append's worker) --------------'
+//!     fetched data, and the bounds of own appends it did not fetch
 //! ```
 //!
 //! - `mint` (one worker) decides the bounds `[lower, upper)` of the next
@@ -23,14 +24,27 @@
 //!   description is worth appending at a time. In read-only mode it mints
 //!   nothing (so nothing downstream writes).
 //! - `write` (every worker) keeps `desired - persist` in a correction
-//!   buffer, for the data hashed to it. Once it has seen the shard up to
-//!   `lower` and the desired collection up to `upper`, it writes the
-//!   buffer's updates before `upper` (advanced to at least `lower`) as a
-//!   batch to blob, without appending it.
-//! - `append` (the minting worker) collects every worker's batch for the
+//!   buffer, for the data hashed to it. Once the shard is accounted for up
+//!   to `lower` and the desired collection is complete up to `upper`, it
+//!   takes the buffer's updates before `upper` out, encodes them on the
+//!   runtime as one batch (or, for a large share, several in parallel)
+//!   without appending it, and keeps them aside until the shard shows
+//!   whether the append went through.
+//! - `append` (the minting worker) collects every worker's batches for the
 //!   description and appends them as one logical batch with
 //!   `compare_and_append_batch`. If another writer moved the upper first,
-//!   it deletes them; the correction loop makes up for it later.
+//!   it deletes them; the correction loop makes up for it later. It
+//!   records each successful append for the read-back source.
+//!
+//! The read-back source runs its listen on the appending worker. A listen
+//! step (or the first snapshot) that lies wholly inside the sink's own
+//! successful appends is not fetched: the shard holds exactly the batches
+//! the workers wrote there. The source sends those appends' bounds instead,
+//! in order with the data it does fetch, and each `write` worker drops the
+//! updates it kept aside for them. Everything else (other writers' batches,
+//! a previous incarnation's data, an own batch merged with another before
+//! the listen reached it) is fetched and subtracted as before; a worker
+//! whose batch was not appended as written puts its updates back.
 //!
 //! Times are `u64`: descriptions step their capability to `lower + 1`.
 //!
