@@ -22,6 +22,7 @@
 //!   from garbage collection while it was in flight.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -46,6 +47,7 @@ use tracing::{debug, error, trace};
 
 use crate::builder::{AsyncOperatorBuilder, AsyncOutput, Event, ShutdownButton};
 use crate::error::SourceError;
+use crate::offload::offload;
 use crate::own_appends::{Bounds, OwnAppends};
 
 /// Whether a [`shard_source`] emits the shard's contents at its `as_of`.
@@ -552,6 +554,10 @@ where
     })
 }
 
+/// How many parts one worker's `fetch` operator fetches and decodes at once
+/// (each on a thread of the runtime's blocking pool).
+const MAX_FETCHES_IN_FLIGHT: usize = 4;
+
 /// A fetched part's updates and the errors met decoding it.
 type Fetched<K, V, T, D> = (Vec<((K, V), T, D)>, Vec<(SourceError, T, i64)>);
 
@@ -663,25 +669,30 @@ where
             };
             let [ok_cap, err_cap, done_cap] = <[_; 3]>::try_from(caps)
                 .unwrap_or_else(|_| unreachable!("the input is connected to three outputs"));
-            // Fetch and decode on the runtime, all parts at once: the
-            // worker thread stays free for the rest of the dataflow.
-            let fetches: Vec<_> = data
-                .into_iter()
-                .map(|(_, part)| {
+            // Fetch and decode on the runtime's blocking pool, a few parts
+            // at a time, emitting in order: the worker thread stays free for
+            // the rest of the dataflow.
+            let mut fetches = VecDeque::with_capacity(MAX_FETCHES_IN_FLIGHT);
+            let mut done = Vec::with_capacity(data.len());
+            let mut parts = data.into_iter();
+            loop {
+                while fetches.len() < MAX_FETCHES_IN_FLIGHT
+                    && let Some((_, part)) = parts.next()
+                {
                     let fetcher = fetcher.clone();
                     let until = until.clone();
                     let err_time = err_cap.time().clone();
-                    runtime.spawn(async move {
+                    fetches.push_back(offload(&runtime, async move {
                         let key = part.key().to_owned();
                         let part = LeasedBatchPart::<T>::from_exchangeable(part);
                         let decoded =
                             fetch_part(fetcher, &part, key, &until, shard, err_time).await;
                         (decoded, part.into_exchangeable_part())
-                    })
-                })
-                .collect();
-            let mut done = Vec::with_capacity(fetches.len());
-            for fetch in fetches {
+                    }));
+                }
+                let Some(fetch) = fetches.pop_front() else {
+                    break;
+                };
                 match fetch.await {
                     Ok(((mut oks, mut errs), part)) => {
                         ok_out.give_container(&ok_cap, &mut oks);

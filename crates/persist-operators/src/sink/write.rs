@@ -17,6 +17,7 @@ use super::{
     BatchDescription, PersistSinkArgs, SinkData, SinkWriteHandle, advance, meet, open_writer,
 };
 use crate::builder::{AsyncInput, AsyncOperatorBuilder, Event, ShutdownButton};
+use crate::offload::offload;
 use crate::own_appends::Bounds;
 use crate::record::Record;
 
@@ -172,8 +173,8 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
     /// to its lower) and the desired collection (up to its upper) are known.
     /// An empty share writes nothing but still releases the description.
     ///
-    /// The updates are taken out of the buffer and consolidated and encoded
-    /// on the runtime, off the worker thread; they are kept aside until the
+    /// The updates are taken out of the buffer and encoded on the runtime's
+    /// blocking pool, off the worker thread; they are kept aside until the
     /// shard shows whether the batch was appended.
     async fn maybe_write(
         &mut self,
@@ -197,8 +198,9 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
         // A large share is split into batches encoded in parallel (append
         // appends all of a description's batches as one).
         let count = oks.len() + errs.len();
+        let runtime = tokio::runtime::Handle::current();
         let chunks = (count / MIN_SPLIT_UPDATES)
-            .min(tokio::runtime::Handle::current().metrics().num_workers())
+            .min(runtime.metrics().num_workers())
             .max(1);
         let chunk_len = oks.len().div_ceil(chunks).max(1);
         let mut oks = oks.into_iter();
@@ -208,7 +210,8 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
                 let chunk: Vec<_> = oks.by_ref().take(chunk_len).collect();
                 let errs = errs.take().unwrap_or_default();
                 let builder = writer.builder(desc.lower.clone());
-                tokio::spawn(write_batch(builder, chunk, errs, desc.upper.clone()))
+                let upper = desc.upper.clone();
+                offload(&runtime, write_batch(builder, chunk, errs, upper))
             })
             .collect();
         let mut in_flight = InFlight {
