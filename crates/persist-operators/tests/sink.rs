@@ -606,3 +606,58 @@ fn large_shares_split_into_several_batches() {
         }
     }
 }
+
+/// Two replicas fed identically race for every append: each description
+/// is written by both and appended by one. The loser puts the updates it
+/// kept aside back, reads the winner's batch, and they cancel. Either way
+/// the shard is right at every time, and neither replica rewrites it.
+#[test]
+fn identical_replicas_race_for_every_append() {
+    for workers in [1, 4] {
+        let rt = runtime();
+        let client = rt.block_on(PersistClient::new_for_tests());
+        let shard = ShardId::new();
+        let _hold = hold_since(&rt, &client, shard);
+        let handle = rt.handle().clone();
+        let c = client.clone();
+        let results = on_workers(workers, move |worker| {
+            let collected = Rc::new(RefCell::new(Vec::new()));
+            let (mut input, token_a, token_b) = worker.dataflow(|scope| {
+                let (input, ok) = scope.new_input::<Update>();
+                let (_e, errs) = scope.new_input::<(String, u64, i64)>();
+                let (ok, errs) = (ok.as_collection(), errs.as_collection());
+                let a = Sink::new("twin-a", c.clone(), shard, handle.clone());
+                let b = Sink::new("twin-b", c.clone(), shard, handle.clone());
+                let token_a = persist_sink(ok.clone(), errs.clone(), a);
+                let token_b = persist_sink(ok, errs, b);
+                (input, token_a, token_b)
+            });
+            let sink_collected = Rc::clone(&collected);
+            let (probe, _source) = worker
+                .dataflow(|scope| read_back(scope, "reader", &c, shard, &handle, sink_collected));
+            let me = worker.index();
+            for t in 0..TIMES {
+                for u in generated(me, t) {
+                    input.send(u);
+                }
+                input.advance_to(t + 1);
+                worker.step();
+            }
+            step_until(worker, "both replicas", || {
+                !token_a.less_equal(&(TIMES - 1)) && !token_b.less_equal(&(TIMES - 1))
+            });
+            drop(input);
+            step_until(worker, "the read back", || probe.done());
+            collected.borrow().clone()
+        });
+        let actual: Vec<Update> = results.into_iter().flatten().collect();
+        let expected = expected(workers, TIMES);
+        assert_equal_at(&actual, &expected, 0..TIMES + 2);
+        // Nothing was written twice: every update read back is expected.
+        let mut read: Vec<Update> = actual.clone();
+        let mut want = expected.clone();
+        differential_dataflow::consolidation::consolidate_updates(&mut read);
+        differential_dataflow::consolidation::consolidate_updates(&mut want);
+        assert_eq!(read, want, "{workers} workers: extra updates in the shard");
+    }
+}
