@@ -83,7 +83,8 @@ pub struct ShardSourceArgs<K: Codec, V: Codec, T> {
     pub key_schema: Arc<K::Schema>,
     /// The schema values are decoded with.
     pub val_schema: Arc<V::Schema>,
-    /// The runtime the operators' futures (and persist's tasks) run on.
+    /// The runtime the operators' futures (and persist's tasks) run on;
+    /// multi-threaded (parts are encoded and decoded on its blocking pool).
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -202,7 +203,8 @@ pub struct SourceToken {
 ///
 /// Requires a totally ordered time: parts are emitted at the single time the
 /// listen has reached. Keys and values must be `Send`: parts are fetched
-/// and decoded on the runtime's threads, not on the worker's.
+/// and decoded on the runtime's blocking pool, not on the worker's thread
+/// (so the runtime must be multi-threaded).
 pub fn shard_source<'scope, K, V, T, D, F>(
     scope: Scope<'scope, T>,
     args: ShardSourceArgs<K, V, T>,
@@ -562,9 +564,8 @@ const MAX_FETCHES_IN_FLIGHT: usize = 4;
 type Fetched<K, V, T, D> = (Vec<((K, V), T, D)>, Vec<(SourceError, T, i64)>);
 
 /// Fetches `part` (blob key `key`) and decodes its updates not at or
-/// after `until`;
-/// what cannot be fetched or decoded becomes errors (an unreadable part's
-/// at `err_time`).
+/// after `until`; what cannot be fetched or decoded becomes errors (an
+/// unreadable part's at `err_time`).
 async fn fetch_part<K, V, T, D>(
     fetcher: Result<Arc<BatchFetcher<K, V, T, D>>, String>,
     part: &LeasedBatchPart<T>,

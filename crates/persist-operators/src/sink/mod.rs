@@ -105,7 +105,8 @@ pub struct PersistSinkArgs<K: Codec, V: Codec, E: Codec> {
     /// input but mints nothing until the value becomes `false`. A dropped
     /// sender leaves the last value in force.
     pub read_only: watch::Receiver<bool>,
-    /// The runtime the operators' futures (and persist's tasks) run on.
+    /// The runtime the operators' futures (and persist's tasks) run on;
+    /// multi-threaded (parts are encoded and decoded on its blocking pool).
     pub runtime: tokio::runtime::Handle,
 }
 

@@ -33,8 +33,8 @@ pub(super) struct Written<'scope> {
 ///
 /// What the shard holds is learnt from the read-back source: the updates it
 /// fetched (subtracted from the buffer), and the bounds of the sink's own
-/// appends it did not fetch (for which the buffer is cleared, since the
-/// shard holds exactly the batch this worker wrote).
+/// appends it did not fetch (the shard holds exactly the batch this worker
+/// wrote for them, whose updates it had taken out of the buffer).
 struct WriteState<K, V, E> {
     ok: Correction<(K, V)>,
     err: Correction<E>,
@@ -88,11 +88,11 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
         if PartialOrder::less_than(&known, &self.known) {
             known.clone_from(&self.known);
         }
-        while let Some(desc) = self.own_pending.front() {
+        while let Some(desc) = self.own_pending.pop_front() {
             if !PartialOrder::less_equal(&desc.lower, &known) {
+                self.own_pending.push_front(desc);
                 break;
             }
-            let desc = self.own_pending.pop_front().expect("a front element");
             if self.in_flight.as_ref().is_some_and(|f| f.desc == desc) {
                 // The shard holds this worker's batch as written: before its
                 // upper, desired and persist are now equal (whatever was
