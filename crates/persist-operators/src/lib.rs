@@ -15,6 +15,8 @@ pub mod builder;
 
 pub use builder::{AsyncInput, AsyncOperatorBuilder, AsyncOutput, Event, ShutdownButton};
 pub mod error;
+mod offload;
+mod own_appends;
 pub mod source;
 
 pub use error::SourceError;

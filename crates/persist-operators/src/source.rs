@@ -22,6 +22,7 @@
 //!   from garbage collection while it was in flight.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -31,7 +32,8 @@ use differential_dataflow::lattice::Lattice;
 use differential_dataflow::{AsCollection, Hashable, VecCollection};
 use persist::part::PartStats;
 use persist_client::{
-    Diagnostics, LeaseReturner, LeasedBatchPart, Listen, PersistClient, SerdeLeasedBatchPart,
+    BatchFetcher, Diagnostics, LeaseReturner, LeasedBatchPart, Listen, PersistClient,
+    SerdeLeasedBatchPart,
 };
 use persist_types::{Codec, Codec64, ShardId};
 use timely::PartialOrder;
@@ -45,6 +47,8 @@ use tracing::{debug, error, trace};
 
 use crate::builder::{AsyncOperatorBuilder, AsyncOutput, Event, ShutdownButton};
 use crate::error::SourceError;
+use crate::offload::offload;
+use crate::own_appends::{Bounds, OwnAppends};
 
 /// Whether a [`shard_source`] emits the shard's contents at its `as_of`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +83,8 @@ pub struct ShardSourceArgs<K: Codec, V: Codec, T> {
     pub key_schema: Arc<K::Schema>,
     /// The schema values are decoded with.
     pub val_schema: Arc<V::Schema>,
-    /// The runtime the operators' futures (and persist's tasks) run on.
+    /// The runtime the operators' futures (and persist's tasks) run on;
+    /// multi-threaded (parts are encoded and decoded on its blocking pool).
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -197,45 +202,99 @@ pub struct SourceToken {
 /// shut down.
 ///
 /// Requires a totally ordered time: parts are emitted at the single time the
-/// listen has reached.
+/// listen has reached. Keys and values must be `Send`: parts are fetched
+/// and decoded on the runtime's blocking pool, not on the worker's thread
+/// (so the runtime must be multi-threaded).
 pub fn shard_source<'scope, K, V, T, D, F>(
     scope: Scope<'scope, T>,
     args: ShardSourceArgs<K, V, T>,
     should_fetch_part: F,
 ) -> SourceOutput<'scope, K, V, T, D>
 where
-    K: Codec + Clone,
-    V: Codec + Clone,
+    K: Codec + Clone + Send,
+    V: Codec + Clone + Send,
     T: Timestamp + Lattice + Codec64 + TotalOrder + Sync,
     D: Semigroup + Codec64 + Send + Sync,
     F: FnMut(&PartStats, AntichainRef<'_, T>) -> bool + 'static,
 {
-    let chosen_worker = usize::try_from(args.name.as_str().hashed() % scope.peers() as u64)
-        .expect("a worker index fits in usize");
+    shard_source_with(scope, args, should_fetch_part, ReadBackHooks::default()).0
+}
+
+/// What a sink reading its own shard back asks of its source beyond a
+/// plain [`shard_source`].
+#[derive(Debug)]
+pub(crate) struct ReadBackHooks<T> {
+    /// The worker that reads descriptions, instead of the one the name
+    /// hashes to (it must be the worker holding `own_appends`).
+    pub chosen_worker: Option<usize>,
+    /// Listen steps wholly inside the sink's own appends recorded here are
+    /// not fetched: their parts' leases are returned at once, and the
+    /// appends are sent on the `own_appends` stream instead (at the step's
+    /// lower, so before the frontier passes them).
+    pub own_appends: Option<OwnAppends<T>>,
+}
+
+impl<T> Default for ReadBackHooks<T> {
+    fn default() -> Self {
+        ReadBackHooks {
+            chosen_worker: None,
+            own_appends: None,
+        }
+    }
+}
+
+/// A hooked source's collections, and the own appends it did not fetch.
+pub(crate) type ReadBackOutput<'scope, K, V, T, D> = (
+    SourceOutput<'scope, K, V, T, D>,
+    StreamVec<'scope, T, Bounds<T>>,
+);
+
+/// [`shard_source`] with the read-back hooks of a sink; also returns the
+/// own appends it skipped (on the chosen worker only).
+pub(crate) fn shard_source_with<'scope, K, V, T, D, F>(
+    scope: Scope<'scope, T>,
+    args: ShardSourceArgs<K, V, T>,
+    should_fetch_part: F,
+    hooks: ReadBackHooks<T>,
+) -> ReadBackOutput<'scope, K, V, T, D>
+where
+    K: Codec + Clone + Send,
+    V: Codec + Clone + Send,
+    T: Timestamp + Lattice + Codec64 + TotalOrder + Sync,
+    D: Semigroup + Codec64 + Send + Sync,
+    F: FnMut(&PartStats, AntichainRef<'_, T>) -> bool + 'static,
+{
+    let chosen_worker = match hooks.chosen_worker {
+        Some(worker) => worker,
+        None => usize::try_from(args.name.as_str().hashed() % scope.peers() as u64)
+            .expect("a worker index fits in usize"),
+    };
     // The lease returns flow back against the dataflow's direction; the
     // edge adds no time (nothing the returns feed reaches the parts again).
     let (returns_handle, returns) = scope.feedback::<Vec<SerdeLeasedBatchPart>>(Default::default());
     let shared = Rc::new(RefCell::new(ChosenState::default()));
 
-    let (descs, descs_err, descs_button) = render_descs::<K, V, T, D, F>(
+    let (descs, descs_err, own_appends, descs_button) = render_descs::<K, V, T, D, F>(
         scope,
         &args,
         chosen_worker,
         Rc::clone(&shared),
         should_fetch_part,
+        hooks.own_appends,
     );
     let returns_button = render_returns::<K, V, T, D>(scope, &args, chosen_worker, returns, shared);
     let (ok, fetch_err, fetched, fetch_button) = render_fetch::<K, V, T, D>(descs, &args);
     fetched.connect_loop(returns_handle);
 
     let err = timely::dataflow::operators::Concat::concat(descs_err, fetch_err);
-    SourceOutput {
+    let output = SourceOutput {
         ok: ok.as_collection(),
         err: err.as_collection(),
         token: SourceToken {
             _buttons: vec![descs_button, fetch_button, returns_button],
         },
-    }
+    };
+    (output, own_appends)
 }
 
 /// What the chosen worker's `descs` operator hands its `lease returns`
@@ -278,6 +337,7 @@ fn downgrade_all<T: Timestamp + TotalOrder>(
 type DescsOutputs<'scope, T> = (
     StreamVec<'scope, T, (u64, SerdeLeasedBatchPart)>,
     StreamVec<'scope, T, (SourceError, T, i64)>,
+    StreamVec<'scope, T, Bounds<T>>,
     ShutdownButton,
 );
 
@@ -287,6 +347,7 @@ fn render_descs<'scope, K, V, T, D, F>(
     chosen_worker: usize,
     shared: Rc<RefCell<ChosenState<K, V, T, D>>>,
     mut should_fetch_part: F,
+    own_appends: Option<OwnAppends<T>>,
 ) -> DescsOutputs<'scope, T>
 where
     K: Codec,
@@ -303,6 +364,7 @@ where
     );
     let (mut parts_out, parts) = builder.new_output::<(u64, SerdeLeasedBatchPart)>();
     let (mut err_out, errs) = builder.new_output::<(SourceError, T, i64)>();
+    let (mut own_out, own_stream) = builder.new_output::<Bounds<T>>();
     let worker = scope.index();
     let peers = scope.peers() as u64;
     let client = args.client.clone();
@@ -385,7 +447,23 @@ where
         if PartialOrder::less_equal(&until, &frontier) {
             return;
         }
-        emit(snapshot, &frontier, &caps[0], &mut parts_out);
+        let own = match (&own_appends, mode) {
+            (Some(own), SnapshotMode::Include) => {
+                own.covering_through(&Antichain::from_elem(T::minimum()), &as_of)
+                    .await
+            }
+            _ => None,
+        };
+        match own {
+            Some(mut appends) => {
+                trace!(%shard, source = %name, "own appends in the snapshot not fetched");
+                for part in snapshot {
+                    returner.return_leased_part(part);
+                }
+                own_out.give_container(&caps[2], &mut appends);
+            }
+            None => emit(snapshot, &frontier, &caps[0], &mut parts_out),
+        }
         let mut listen = match reader.listen(as_of.clone()).await {
             Ok(listen) => listen,
             Err(err) => {
@@ -409,14 +487,29 @@ where
                     return std::future::pending().await;
                 }
             };
-            emit(parts, &frontier, &caps[0], &mut parts_out);
+            let own = match &own_appends {
+                Some(own) => own.covering(&frontier, &progress).await,
+                None => None,
+            };
+            match own {
+                Some(mut appends) => {
+                    // The sink wrote these itself: it learns them from
+                    // its appends' bounds, without fetching.
+                    trace!(%shard, source = %name, ?progress, "own append not fetched");
+                    for part in parts {
+                        returner.return_leased_part(part);
+                    }
+                    own_out.give_container(&caps[2], &mut appends);
+                }
+                None => emit(parts, &frontier, &caps[0], &mut parts_out),
+            }
             debug!(%shard, source = %name, ?progress, "shard_source progress");
             frontier = progress;
             downgrade_all(&mut caps, &frontier);
         }
         shared.borrow_mut().finished_listen = Some(listen);
     });
-    (parts, errs, button)
+    (parts, errs, own_stream, button)
 }
 
 fn render_returns<'scope, K, V, T, D>(
@@ -463,6 +556,70 @@ where
     })
 }
 
+/// How many parts one worker's `fetch` operator fetches and decodes at once
+/// (each on a thread of the runtime's blocking pool).
+const MAX_FETCHES_IN_FLIGHT: usize = 4;
+
+/// A fetched part's updates and the errors met decoding it.
+type Fetched<K, V, T, D> = (Vec<((K, V), T, D)>, Vec<(SourceError, T, i64)>);
+
+/// Fetches `part` (blob key `key`) and decodes its updates not at or
+/// after `until`; what cannot be fetched or decoded becomes errors (an
+/// unreadable part's at `err_time`).
+async fn fetch_part<K, V, T, D>(
+    fetcher: Result<Arc<BatchFetcher<K, V, T, D>>, String>,
+    part: &LeasedBatchPart<T>,
+    key: String,
+    until: &Antichain<T>,
+    shard: ShardId,
+    err_time: T,
+) -> Fetched<K, V, T, D>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64 + Sync,
+    D: Semigroup + Codec64 + Send + Sync,
+{
+    let fetched = match &fetcher {
+        Ok(fetcher) => fetcher
+            .fetch_leased_part(part)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(err) => Err(err.clone()),
+    };
+    let mut oks = Vec::new();
+    let mut errs = Vec::new();
+    match fetched {
+        Ok(updates) => {
+            oks.reserve(updates.size_hint().0);
+            for ((key, val), t, d) in updates {
+                if until.less_equal(&t) {
+                    continue;
+                }
+                match (key, val) {
+                    (Ok(key), Ok(val)) => oks.push(((key, val), t, d)),
+                    (Err(reason), _) => {
+                        errs.push((SourceError::UndecodableKey { shard, reason }, t, 1))
+                    }
+                    (_, Err(reason)) => {
+                        errs.push((SourceError::UndecodableVal { shard, reason }, t, 1))
+                    }
+                }
+            }
+        }
+        Err(reason) => {
+            error!(%shard, part = %key, %reason, "part unreadable");
+            let error = SourceError::UnreadablePart {
+                shard,
+                part: key,
+                reason,
+            };
+            errs.push((error, err_time, 1));
+        }
+    }
+    (oks, errs)
+}
+
 type FetchOutputs<'scope, K, V, T, D> = (
     StreamVec<'scope, T, ((K, V), T, D)>,
     StreamVec<'scope, T, (SourceError, T, i64)>,
@@ -475,8 +632,8 @@ fn render_fetch<'scope, K, V, T, D>(
     args: &ShardSourceArgs<K, V, T>,
 ) -> FetchOutputs<'scope, K, V, T, D>
 where
-    K: Codec + Clone,
-    V: Codec + Clone,
+    K: Codec + Clone + Send,
+    V: Codec + Clone + Send,
     T: Timestamp + Lattice + Codec64 + Sync,
     D: Semigroup + Codec64 + Send + Sync,
 {
@@ -497,6 +654,7 @@ where
     let shard = args.shard_id;
     let until = args.until.clone();
     let name = args.name.clone();
+    let runtime = args.runtime.clone();
     let (key_schema, val_schema) = (Arc::clone(&args.key_schema), Arc::clone(&args.val_schema));
     let button = builder.build(move |caps| async move {
         drop(caps);
@@ -504,6 +662,7 @@ where
         let fetcher = client
             .create_batch_fetcher::<K, V, T, D>(shard, key_schema, val_schema, diagnostics)
             .await
+            .map(Arc::new)
             .map_err(|err| err.to_string());
         while let Some(event) = input.next().await {
             let Event::Data { caps, data, .. } = event else {
@@ -511,50 +670,46 @@ where
             };
             let [ok_cap, err_cap, done_cap] = <[_; 3]>::try_from(caps)
                 .unwrap_or_else(|_| unreachable!("the input is connected to three outputs"));
-            let mut oks = Vec::new();
-            let mut errs = Vec::new();
+            // Fetch and decode on the runtime's blocking pool, a few parts
+            // at a time, emitting in order: the worker thread stays free for
+            // the rest of the dataflow.
+            let mut fetches = VecDeque::with_capacity(MAX_FETCHES_IN_FLIGHT);
             let mut done = Vec::with_capacity(data.len());
-            for (_, part) in data {
-                let key = part.key().to_owned();
-                let part = LeasedBatchPart::<T>::from_exchangeable(part);
-                let fetched = match &fetcher {
-                    Ok(fetcher) => fetcher
-                        .fetch_leased_part(&part)
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Err(err) => Err(err.clone()),
+            let mut parts = data.into_iter();
+            loop {
+                while fetches.len() < MAX_FETCHES_IN_FLIGHT
+                    && let Some((_, part)) = parts.next()
+                {
+                    let fetcher = fetcher.clone();
+                    let until = until.clone();
+                    let err_time = err_cap.time().clone();
+                    fetches.push_back(offload(&runtime, async move {
+                        let key = part.key().to_owned();
+                        let part = LeasedBatchPart::<T>::from_exchangeable(part);
+                        let decoded =
+                            fetch_part(fetcher, &part, key, &until, shard, err_time).await;
+                        (decoded, part.into_exchangeable_part())
+                    }));
+                }
+                let Some(fetch) = fetches.pop_front() else {
+                    break;
                 };
-                match fetched {
-                    Ok(updates) => {
-                        for ((key, val), t, d) in updates {
-                            if until.less_equal(&t) {
-                                continue;
-                            }
-                            match (key, val) {
-                                (Ok(key), Ok(val)) => oks.push(((key, val), t, d)),
-                                (Err(reason), _) => {
-                                    errs.push((SourceError::UndecodableKey { shard, reason }, t, 1))
-                                }
-                                (_, Err(reason)) => {
-                                    errs.push((SourceError::UndecodableVal { shard, reason }, t, 1))
-                                }
-                            }
-                        }
+                match fetch.await {
+                    Ok(((mut oks, mut errs), part)) => {
+                        ok_out.give_container(&ok_cap, &mut oks);
+                        err_out.give_container(&err_cap, &mut errs);
+                        done.push(part);
                     }
-                    Err(reason) => {
-                        error!(%shard, part = %key, %reason, "part unreadable");
-                        let error = SourceError::UnreadablePart {
-                            shard,
-                            part: key,
-                            reason,
-                        };
-                        errs.push((error, err_cap.time().clone(), 1));
+                    Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                    Err(err) => {
+                        // The runtime is shutting down: hold the frontier
+                        // rather than claim the part's updates were
+                        // emitted.
+                        error!(%shard, %err, "fetching a part was cancelled");
+                        return std::future::pending().await;
                     }
                 }
-                done.push(part.into_exchangeable_part());
             }
-            ok_out.give_container(&ok_cap, &mut oks);
-            err_out.give_container(&err_cap, &mut errs);
             done_out.give_container(&done_cap, &mut done);
         }
     });

@@ -6,10 +6,13 @@ mod common;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 use differential_dataflow::AsCollection;
-use persist_client::{Diagnostics, PersistClient};
+use persist::mem::{MemBlob, MemConsensus};
+use persist::{Blob, BlobMetadata, ExternalError};
+use persist_client::{Diagnostics, PersistClient, PersistConfig};
 use persist_operators::{
     PersistSinkArgs, Record, RecordSchema, ShardSourceArgs, SinkToken, persist_sink, shard_source,
 };
@@ -390,4 +393,271 @@ fn errors_roundtrip_as_error_rows() {
         vec![(err, 1), (kv.clone(), 1)]
     );
     assert_eq!(at(&snapshot(&rt, &client, shard, 4), 4), vec![(kv, 1)]);
+}
+
+/// A blob that counts the parts fetched from it (keys whose last segment
+/// is a part id, `p...`).
+#[derive(Debug)]
+struct CountingBlob {
+    inner: MemBlob,
+    part_gets: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Blob for CountingBlob {
+    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, ExternalError> {
+        if key
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.starts_with('p'))
+        {
+            self.part_gets.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.get(key).await
+    }
+
+    async fn list_keys_and_metadata(
+        &self,
+        key_prefix: &str,
+        f: &mut (dyn FnMut(BlobMetadata) + Send),
+    ) -> Result<(), ExternalError> {
+        self.inner.list_keys_and_metadata(key_prefix, f).await
+    }
+
+    async fn set(&self, key: &str, value: bytes::Bytes) -> Result<(), ExternalError> {
+        self.inner.set(key, value).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<Option<usize>, ExternalError> {
+        self.inner.delete(key).await
+    }
+}
+
+/// A sink alone on its shard writes every time without fetching a single
+/// part: it accounts for its own appends from the batches it wrote instead
+/// of reading them back. The shard still ends up right.
+#[test]
+fn sink_does_not_fetch_its_own_appends() {
+    for workers in [1, 4] {
+        let rt = runtime();
+        let part_gets = Arc::new(AtomicUsize::new(0));
+        let blob = CountingBlob {
+            inner: MemBlob::new(),
+            part_gets: Arc::clone(&part_gets),
+        };
+        let mut cfg = PersistConfig::new_for_tests();
+        // Compaction reads parts too; this test is about the sink.
+        cfg.compaction_enabled = false;
+        let client = PersistClient::new(cfg, Arc::new(blob), Arc::new(MemConsensus::new()));
+        let shard = ShardId::new();
+        let _hold = hold_since(&rt, &client, shard);
+        let handle = rt.handle().clone();
+        let c = client.clone();
+        on_workers(workers, move |worker| {
+            let args = Sink::new("alone", c.clone(), shard, handle.clone());
+            let (mut input, token) = worker.dataflow(|scope| sink_of(scope, args));
+            let me = worker.index();
+            for t in 0..TIMES {
+                for u in generated(me, t) {
+                    input.send(u);
+                }
+                input.advance_to(t + 1);
+                worker.step();
+            }
+            step_until(worker, "the sink", || !token.less_equal(&(TIMES - 1)));
+        });
+        assert_eq!(
+            part_gets.load(Ordering::SeqCst),
+            0,
+            "{workers} workers: the sink fetched parts it wrote"
+        );
+        let expected = expected(workers, TIMES);
+        let actual = snapshot(&rt, &client, shard, TIMES - 1);
+        assert_equal_at(&actual, &expected, [TIMES - 1]);
+        assert!(part_gets.load(Ordering::SeqCst) > 0, "the check counts");
+    }
+}
+
+/// Another writer appends wrong data between the sink's own appends (the
+/// sink fetches that step, and not its own): from the next time on, the
+/// sink has corrected it.
+#[test]
+fn sink_corrects_a_foreign_append_between_its_own() {
+    for workers in [1, 4] {
+        let rt = runtime();
+        let client = rt.block_on(PersistClient::new_for_tests());
+        let shard = ShardId::new();
+        let _hold = hold_since(&rt, &client, shard);
+        let handle = rt.handle().clone();
+        let c = client.clone();
+        const INTRUSION: u64 = 5;
+        let results = on_workers(workers, move |worker| {
+            let collected = Rc::new(RefCell::new(Vec::new()));
+            let args = Sink::new("intruded", c.clone(), shard, handle.clone());
+            let (mut input, token) = worker.dataflow(|scope| sink_of(scope, args));
+            let sink_collected = Rc::clone(&collected);
+            let (probe, _source) = worker
+                .dataflow(|scope| read_back(scope, "reader", &c, shard, &handle, sink_collected));
+            let me = worker.index();
+            for t in 0..TIMES {
+                if t == INTRUSION {
+                    // Every worker's input is at INTRUSION, so the sink
+                    // cannot append past it: the shard's upper is there.
+                    step_until(worker, "the sink", || !token.less_equal(&(INTRUSION - 1)));
+                    if me == 0 {
+                        intrude(&handle, &c, shard, INTRUSION);
+                    }
+                }
+                for u in generated(me, t) {
+                    input.send(u);
+                }
+                input.advance_to(t + 1);
+                worker.step();
+            }
+            step_until(worker, "the sink", || !token.less_equal(&(TIMES - 1)));
+            drop(input);
+            step_until(worker, "the read back", || probe.done());
+            collected.borrow().clone()
+        });
+        let actual: Vec<Update> = results.into_iter().flatten().collect();
+        let expected = expected(workers, TIMES);
+        // Right before the intrusion, wrong at it (the sink cannot rewrite
+        // a time once the upper passed it), right again after it.
+        assert_equal_at(&actual, &expected, 0..INTRUSION);
+        assert_ne!(at(&actual, INTRUSION), at(&expected, INTRUSION));
+        assert_equal_at(&actual, &expected, INTRUSION + 1..TIMES + 2);
+    }
+}
+
+/// Appends wrong rows at `time` as another writer would, if the shard's
+/// upper is exactly `time`.
+fn intrude(handle: &tokio::runtime::Handle, client: &PersistClient, shard: ShardId, time: u64) {
+    handle.block_on(async {
+        let mut writer = client
+            .open_writer::<Row, (), u64, i64>(
+                shard,
+                Arc::new(RecordSchema::default()),
+                Arc::new(Default::default()),
+                Diagnostics::for_tests(),
+            )
+            .await
+            .expect("valid usage");
+        let wrong = vec![
+            ((Row::Data("intruder".into(), "x".into()), ()), time, 1i64),
+            ((Row::Data("w0-t0-1".into(), "v0".into()), ()), time, -1),
+        ];
+        writer
+            .compare_and_append(
+                &wrong,
+                Antichain::from_elem(time),
+                Antichain::from_elem(time + 1),
+            )
+            .await
+            .expect("valid usage")
+            .expect("the shard's upper is at the intrusion");
+        writer.expire().await;
+    });
+}
+
+/// A share too large for one batch is written as several, encoded in
+/// parallel; an insert and its retraction at the same time may land in
+/// different ones. The shard still holds exactly the desired collection.
+#[test]
+fn large_shares_split_into_several_batches() {
+    const BIG: u64 = 30_000;
+    for workers in [1, 4] {
+        let rt = runtime();
+        let client = rt.block_on(PersistClient::new_for_tests());
+        let shard = ShardId::new();
+        let _hold = hold_since(&rt, &client, shard);
+        let handle = rt.handle().clone();
+        let c = client.clone();
+        on_workers(workers, move |worker| {
+            let args = Sink::new("large", c.clone(), shard, handle.clone());
+            let (mut input, token) = worker.dataflow(|scope| sink_of(scope, args));
+            let me = worker.index();
+            for i in 0..BIG {
+                input.send(((format!("w{me}-big-{i:05}"), "v".to_owned()), 0, 1));
+            }
+            // Cancels the first insert, from the far end of the buffer.
+            input.send(((format!("w{me}-big-00000"), "v".to_owned()), 0, -1));
+            input.advance_to(1);
+            input.send(((format!("w{me}-big-00001"), "v".to_owned()), 1, -1));
+            input.advance_to(2);
+            step_until(worker, "the sink", || !token.less_equal(&1));
+        });
+        for (time, dropped) in [(0, 1), (1, 2)] {
+            let mut expected: Vec<((String, String), i64)> = (0..workers)
+                .flat_map(|w| {
+                    (dropped..BIG).map(move |i| ((format!("w{w}-big-{i:05}"), "v".to_owned()), 1))
+                })
+                .collect();
+            expected.sort();
+            let actual = at(&snapshot(&rt, &client, shard, time), time);
+            assert_eq!(
+                actual.len(),
+                expected.len(),
+                "{workers} workers, time {time}"
+            );
+            assert!(
+                actual == expected,
+                "{workers} workers: contents differ at {time}"
+            );
+        }
+    }
+}
+
+/// Two replicas fed identically race for every append: each description
+/// is written by both and appended by one. The loser puts the updates it
+/// kept aside back, reads the winner's batch, and they cancel. Either way
+/// the shard is right at every time, and neither replica rewrites it.
+#[test]
+fn identical_replicas_race_for_every_append() {
+    for workers in [1, 4] {
+        let rt = runtime();
+        let client = rt.block_on(PersistClient::new_for_tests());
+        let shard = ShardId::new();
+        let _hold = hold_since(&rt, &client, shard);
+        let handle = rt.handle().clone();
+        let c = client.clone();
+        let results = on_workers(workers, move |worker| {
+            let collected = Rc::new(RefCell::new(Vec::new()));
+            let (mut input, token_a, token_b) = worker.dataflow(|scope| {
+                let (input, ok) = scope.new_input::<Update>();
+                let (_e, errs) = scope.new_input::<(String, u64, i64)>();
+                let (ok, errs) = (ok.as_collection(), errs.as_collection());
+                let a = Sink::new("twin-a", c.clone(), shard, handle.clone());
+                let b = Sink::new("twin-b", c.clone(), shard, handle.clone());
+                let token_a = persist_sink(ok.clone(), errs.clone(), a);
+                let token_b = persist_sink(ok, errs, b);
+                (input, token_a, token_b)
+            });
+            let sink_collected = Rc::clone(&collected);
+            let (probe, _source) = worker
+                .dataflow(|scope| read_back(scope, "reader", &c, shard, &handle, sink_collected));
+            let me = worker.index();
+            for t in 0..TIMES {
+                for u in generated(me, t) {
+                    input.send(u);
+                }
+                input.advance_to(t + 1);
+                worker.step();
+            }
+            step_until(worker, "both replicas", || {
+                !token_a.less_equal(&(TIMES - 1)) && !token_b.less_equal(&(TIMES - 1))
+            });
+            drop(input);
+            step_until(worker, "the read back", || probe.done());
+            collected.borrow().clone()
+        });
+        let actual: Vec<Update> = results.into_iter().flatten().collect();
+        let expected = expected(workers, TIMES);
+        assert_equal_at(&actual, &expected, 0..TIMES + 2);
+        // Nothing was written twice: every update read back is expected.
+        let mut read: Vec<Update> = actual.clone();
+        let mut want = expected.clone();
+        differential_dataflow::consolidation::consolidate_updates(&mut read);
+        differential_dataflow::consolidation::consolidate_updates(&mut want);
+        assert_eq!(read, want, "{workers} workers: extra updates in the shard");
+    }
 }

@@ -9,6 +9,7 @@ use tracing::{debug, error, trace};
 
 use super::{BatchDescription, PersistSinkArgs, SinkData, SinkWriteHandle, advance, open_writer};
 use crate::builder::{AsyncOperatorBuilder, Event, ShutdownButton};
+use crate::own_appends::OwnAppends;
 use crate::record::Record;
 
 type SinkBatch<K, V, E> = Batch<Record<K, V, E>, (), u64, i64>;
@@ -24,6 +25,8 @@ struct AppendState<K: SinkData, V: SinkData, E: SinkData> {
     desc: Option<BatchDescription>,
     /// The batches for `lower` received so far.
     batches: Vec<SinkBatch<K, V, E>>,
+    /// Where successful appends are recorded for the read-back source.
+    own: OwnAppends<u64>,
 }
 
 impl<K: SinkData, V: SinkData, E: SinkData> AppendState<K, V, E> {
@@ -68,6 +71,9 @@ impl<K: SinkData, V: SinkData, E: SinkData> AppendState<K, V, E> {
         let Some(desc) = self.desc.take() else {
             return;
         };
+        // The read-back source waits for the outcome before it decides
+        // whether to fetch what this append may write.
+        let pending = self.own.start(&desc.lower, &desc.upper);
         let next = loop {
             let mut batches: Vec<&mut SinkBatch<K, V, E>> = self.batches.iter_mut().collect();
             let result = self
@@ -79,6 +85,7 @@ impl<K: SinkData, V: SinkData, E: SinkData> AppendState<K, V, E> {
                     debug!(?desc, batches = self.batches.len(), "appended");
                     // Consumed by the append: nothing to delete.
                     self.batches.clear();
+                    self.own.record(&desc.lower, &desc.upper);
                     break desc.upper.clone();
                 }
                 Ok(Err(mismatch)) if PartialOrder::less_than(&mismatch.current, &desc.lower) => {
@@ -102,6 +109,7 @@ impl<K: SinkData, V: SinkData, E: SinkData> AppendState<K, V, E> {
                 }
             }
         };
+        drop(pending);
         if PartialOrder::less_than(&self.lower, &next) {
             self.advance_lower(next).await;
         } else {
@@ -117,6 +125,7 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
     active_worker: usize,
     descs: StreamVec<'scope, u64, BatchDescription>,
     batches: StreamVec<'scope, u64, TransmittableBatch>,
+    own: OwnAppends<u64>,
 ) -> ShutdownButton {
     let scope = descs.scope();
     let mut builder = AsyncOperatorBuilder::new(
@@ -152,6 +161,7 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
             lower: Antichain::from_elem(0),
             desc: None,
             batches: Vec::new(),
+            own,
         };
         loop {
             tokio::select! {

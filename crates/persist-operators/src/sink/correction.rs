@@ -7,9 +7,13 @@ use timely::progress::Antichain;
 
 /// A bucket is consolidated once it holds this many updates more than
 /// after its last consolidation (and twice as many): memory stays within a
-/// small factor of the distinct updates held, at amortized `O(log n)` cost
-/// per update. Lower trades CPU for memory.
-const CONSOLIDATE_SLACK: usize = 1024;
+/// small factor of the distinct updates held plus this slack per time, at
+/// amortized `O(log n)` cost per update. Lower trades CPU for memory.
+///
+/// Most buckets are written out (and consolidated once, by the batch
+/// builder, on encoded bytes) soon after their time is complete; a slack
+/// well above a typical time's updates spares them sorting at insert.
+const CONSOLIDATE_SLACK: usize = 1 << 16;
 
 /// Updates of one time, with the size they had when last consolidated.
 #[derive(Debug)]
@@ -114,8 +118,9 @@ impl<D: Ord + Clone> Correction<D> {
         }
     }
 
-    /// The consolidated updates at times not at or after `upper` (they stay
-    /// in the buffer until the shard reflects them).
+    /// The consolidated updates at times not at or after `upper`, left in
+    /// the buffer (to look at it in tests).
+    #[cfg(test)]
     pub(crate) fn updates_before(&mut self, upper: &Antichain<u64>) -> Vec<(D, u64, i64)> {
         let mut out = Vec::new();
         let mut emptied = Vec::new();
@@ -133,6 +138,32 @@ impl<D: Ord + Clone> Correction<D> {
             self.buckets.remove(&time);
         }
         out
+    }
+
+    /// Removes and returns the updates at times not at or after `upper`,
+    /// not consolidated (whoever takes them consolidates once).
+    pub(crate) fn take_before(&mut self, upper: &Antichain<u64>) -> Vec<(D, u64, i64)> {
+        let earlier = match upper.as_option() {
+            Some(&upper) => {
+                let later = self.buckets.split_off(&upper);
+                std::mem::replace(&mut self.buckets, later)
+            }
+            None => std::mem::take(&mut self.buckets),
+        };
+        let mut out = Vec::with_capacity(earlier.values().map(|b| b.updates.len()).sum());
+        for (time, bucket) in earlier {
+            out.extend(bucket.updates.into_iter().map(|(d, r)| (d, time, r)));
+        }
+        out
+    }
+
+    /// Forgets every update at a time not at or after `upper`: the shard
+    /// now holds them (the sink's own append wrote exactly these).
+    pub(crate) fn clear_before(&mut self, upper: &Antichain<u64>) {
+        match upper.as_option() {
+            Some(&upper) => self.buckets = self.buckets.split_off(&upper),
+            None => self.buckets.clear(),
+        }
     }
 
     /// How many updates the buffer holds (not necessarily consolidated).
@@ -179,9 +210,40 @@ mod tests {
     }
 
     #[test]
+    fn taking_removes_earlier_times() {
+        let mut c = Correction::new();
+        c.insert(
+            vec![("a", 1, 1), ("b", 3, 1), ("a", 1, 1), ("c", 4, -1)],
+            false,
+        );
+        let mut taken = c.take_before(&upto(4));
+        taken.sort();
+        assert_eq!(taken, vec![("a", 1, 1), ("a", 1, 1), ("b", 3, 1)]);
+        assert_eq!(c.updates_before(&upto(10)), vec![("c", 4, -1)]);
+        // Put back, they count again.
+        c.insert(taken, false);
+        assert_eq!(
+            c.updates_before(&upto(10)),
+            vec![("a", 1, 2), ("b", 3, 1), ("c", 4, -1)]
+        );
+        assert_eq!(c.take_before(&Antichain::new()).len(), 3);
+        assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn clearing_forgets_only_earlier_times() {
+        let mut c = Correction::new();
+        c.insert(vec![("a", 1, 1), ("b", 3, 1), ("c", 4, -1)], false);
+        c.clear_before(&upto(4));
+        assert_eq!(c.updates_before(&upto(10)), vec![("c", 4, -1)]);
+        c.clear_before(&Antichain::new());
+        assert_eq!(c.len(), 0);
+    }
+
+    #[test]
     fn memory_stays_near_the_distinct_updates() {
         let mut c = Correction::new();
-        for round in 0..100u64 {
+        for round in 0..1000u64 {
             let adds: Vec<_> = (0..1000u64).map(|k| (k, 3, 1)).collect();
             c.insert(adds, false);
             let subs: Vec<_> = (0..1000u64).map(|k| (k, 3, 1)).collect();

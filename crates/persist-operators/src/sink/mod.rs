@@ -10,10 +10,11 @@
 //!
 //! ```text
 //!   desired ok/err ---> mint ---(passed through)---> write ---batches---> append
-//!                        |  \                        ^  ^                   ^
-//!                        |   `--descs (broadcast)----'  |                   |
-//!                        `---descs (same worker)--------+-------------------'
-//!   shard (read back) ----------------------------------'
+//!                        |  \                        ^  ^                   ^  |
+//!                        |   `--descs (broadcast)----'  |                   |  | own appends
+//!                        `---descs (same worker)--------+-------------------'  v
+//!   read-back source (on append's worker) --------------'
+//!     fetched data, and the bounds of own appends it did not fetch
 //! ```
 //!
 //! - `mint` (one worker) decides the bounds `[lower, upper)` of the next
@@ -23,14 +24,27 @@
 //!   description is worth appending at a time. In read-only mode it mints
 //!   nothing (so nothing downstream writes).
 //! - `write` (every worker) keeps `desired - persist` in a correction
-//!   buffer, for the data hashed to it. Once it has seen the shard up to
-//!   `lower` and the desired collection up to `upper`, it writes the
-//!   buffer's updates before `upper` (advanced to at least `lower`) as a
-//!   batch to blob, without appending it.
-//! - `append` (the minting worker) collects every worker's batch for the
+//!   buffer, for the data hashed to it. Once the shard is accounted for up
+//!   to `lower` and the desired collection is complete up to `upper`, it
+//!   takes the buffer's updates before `upper` out, encodes them on the
+//!   runtime as one batch (or, for a large share, several in parallel)
+//!   without appending it, and keeps them aside until the shard shows
+//!   whether the append went through.
+//! - `append` (the minting worker) collects every worker's batches for the
 //!   description and appends them as one logical batch with
 //!   `compare_and_append_batch`. If another writer moved the upper first,
-//!   it deletes them; the correction loop makes up for it later.
+//!   it deletes them; the correction loop makes up for it later. It
+//!   records each successful append for the read-back source.
+//!
+//! The read-back source runs its listen on the appending worker. A listen
+//! step (or the first snapshot) that lies wholly inside the sink's own
+//! successful appends is not fetched: the shard holds exactly the batches
+//! the workers wrote there. The source sends those appends' bounds instead,
+//! in order with the data it does fetch, and each `write` worker drops the
+//! updates it kept aside for them. Everything else (other writers' batches,
+//! a previous incarnation's data, an own batch merged with another before
+//! the listen reached it) is fetched and subtracted as before; a worker
+//! whose batch was not appended as written puts its updates back.
 //!
 //! Times are `u64`: descriptions step their capability to `lower + 1`.
 //!
@@ -57,18 +71,20 @@ use timely::{ExchangeData, PartialOrder};
 use tokio::sync::watch;
 
 use crate::builder::ShutdownButton;
+use crate::own_appends::OwnAppends;
 use crate::record::{Record, RecordSchema};
-use crate::source::{ShardSourceArgs, SourceToken, shard_source};
+use crate::source::{ReadBackHooks, ShardSourceArgs, SourceToken, shard_source_with};
 
 /// What a sink's shard holds: rows of the ok collection and of the error
 /// collection, as keys, with `()` values, `u64` times and `i64` diffs.
 pub type SinkWriteHandle<K, V, E> = WriteHandle<Record<K, V, E>, (), u64, i64>;
 
 /// The types a sink writes: persist codecs that timely can exchange and
-/// differential can consolidate.
-pub trait SinkData: Codec + ExchangeData + Clone + Ord + Hash + Debug {}
+/// differential can consolidate, and that the runtime's threads can encode
+/// (`Send + Sync`).
+pub trait SinkData: Codec + ExchangeData + Clone + Ord + Hash + Debug + Sync {}
 
-impl<X: Codec + ExchangeData + Clone + Ord + Hash + Debug> SinkData for X {}
+impl<X: Codec + ExchangeData + Clone + Ord + Hash + Debug + Sync> SinkData for X {}
 
 /// Where and how a [`persist_sink`] writes.
 pub struct PersistSinkArgs<K: Codec, V: Codec, E: Codec> {
@@ -89,7 +105,8 @@ pub struct PersistSinkArgs<K: Codec, V: Codec, E: Codec> {
     /// input but mints nothing until the value becomes `false`. A dropped
     /// sender leaves the last value in force.
     pub read_only: watch::Receiver<bool>,
-    /// The runtime the operators' futures (and persist's tasks) run on.
+    /// The runtime the operators' futures (and persist's tasks) run on;
+    /// multi-threaded (parts are encoded and decoded on its blocking pool).
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -282,7 +299,16 @@ where
         val_schema: Arc::new(Default::default()),
         runtime: args.runtime.clone(),
     };
-    let persist = shard_source::<_, _, u64, i64, _>(scope, source_args, |_, _| true);
+    // The appending worker records its successful appends; the read-back
+    // source, on the same worker, does not fetch what they wrote but tells
+    // `write` about them, which accounts for them from its own batches.
+    let own = OwnAppends::new();
+    let hooks = ReadBackHooks {
+        chosen_worker: Some(active_worker),
+        own_appends: Some(own.clone()),
+    };
+    let (persist, own_appends) =
+        shard_source_with::<_, _, u64, i64, _>(scope, source_args, |_, _| true, hooks);
     let shard = args.shard_id;
     let sink_name = args.name.clone();
     persist.err.inner.inspect(move |(err, time, _)| {
@@ -303,9 +329,10 @@ where
         mint.desired_err,
         persist_ok,
         persist_err,
+        own_appends,
         mint.descs.clone(),
     );
-    let append = append::render(&args, active_worker, mint.descs, write.batches);
+    let append = append::render(&args, active_worker, mint.descs, write.batches, own);
     SinkToken {
         _source: persist.token,
         _buttons: vec![mint.button, write.button, append],

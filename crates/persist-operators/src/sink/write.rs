@@ -1,5 +1,7 @@
 //! The sink's `write` operator: every worker writes its share of a batch.
 
+use std::collections::VecDeque;
+
 use differential_dataflow::Hashable;
 use persist_client::TransmittableBatch;
 use timely::PartialOrder;
@@ -15,6 +17,8 @@ use super::{
     BatchDescription, PersistSinkArgs, SinkData, SinkWriteHandle, advance, meet, open_writer,
 };
 use crate::builder::{AsyncInput, AsyncOperatorBuilder, Event, ShutdownButton};
+use crate::offload::offload;
+use crate::own_appends::Bounds;
 use crate::record::Record;
 
 /// The stream `write` produces.
@@ -25,7 +29,12 @@ pub(super) struct Written<'scope> {
 }
 
 /// One worker's view: its share of `desired - persist`, the frontiers of
-/// the four inputs, and the description it is working on.
+/// its inputs, and the description it is working on.
+///
+/// What the shard holds is learnt from the read-back source: the updates it
+/// fetched (subtracted from the buffer), and the bounds of the sink's own
+/// appends it did not fetch (the shard holds exactly the batch this worker
+/// wrote for them, whose updates it had taken out of the buffer).
 struct WriteState<K, V, E> {
     ok: Correction<(K, V)>,
     err: Correction<E>,
@@ -33,26 +42,118 @@ struct WriteState<K, V, E> {
     desired_err: Antichain<u64>,
     persist_ok: Antichain<u64>,
     persist_err: Antichain<u64>,
+    /// The frontier of the read-back source's own-appends stream.
+    own_frontier: Antichain<u64>,
+    /// Own appends received but not yet taken in, in order.
+    own_pending: VecDeque<BatchDescription>,
+    /// How far the shard's contents are accounted for in the buffer (see
+    /// [`WriteState::persist`]).
+    known: Antichain<u64>,
     /// The latest valid description and a capability at its lower.
     desc: Option<(BatchDescription, Capability<u64>)>,
+    /// The description this worker last wrote its whole share of
+    /// `desired - persist` for, until the shard shows whether it was
+    /// appended.
+    in_flight: Option<InFlight<K, V, E>>,
+}
+
+/// A description this worker wrote its share for, with the updates it
+/// took out of the buffer for it: they go back in if the shard moves past
+/// the description's lower without the sink's own append of it.
+struct InFlight<K, V, E> {
+    desc: BatchDescription,
+    oks: Vec<((K, V), u64, i64)>,
+    errs: Vec<(E, u64, i64)>,
 }
 
 impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
+    /// The frontier up to which the shard's contents are accounted for:
+    /// every update at a time not at or after it is in the buffer (negated)
+    /// or cancelled there by an own append.
     fn persist(&self) -> Antichain<u64> {
-        meet(&self.persist_ok, &self.persist_err)
+        self.known.clone()
     }
 
-    /// Takes in a move of the shard's frontier: the buffer's times before it
-    /// no longer matter, and a description whose lower it passed can no
-    /// longer be appended.
-    fn persist_advanced(&mut self) {
-        let persist = self.persist();
-        self.ok.advance_since(&persist);
-        self.err.advance_since(&persist);
-        if let Some((desc, _)) = &self.desc
-            && PartialOrder::less_than(&desc.lower, &persist)
+    /// Moves the known frontier as far as the read-back inputs allow,
+    /// taking in own appends in order on the way. Then the buffer's times
+    /// before it no longer matter, and a description whose lower it passed
+    /// can no longer be appended.
+    fn read_back_advanced(&mut self) {
+        // Both kinds of read-back input are complete before this: fetched
+        // data and own appends (an own append comes at its step's lower).
+        let mut known = meet(
+            &meet(&self.persist_ok, &self.persist_err),
+            &self.own_frontier,
+        );
+        if PartialOrder::less_than(&known, &self.known) {
+            known.clone_from(&self.known);
+        }
+        while let Some(desc) = self.own_pending.pop_front() {
+            if !PartialOrder::less_equal(&desc.lower, &known) {
+                self.own_pending.push_front(desc);
+                break;
+            }
+            if self.in_flight.as_ref().is_some_and(|f| f.desc == desc) {
+                // The shard holds this worker's batch as written: before its
+                // upper, desired and persist are now equal (whatever was
+                // read back of it meanwhile included). Its updates are
+                // freed on the runtime, off the worker thread.
+                if let Some(f) = self.in_flight.take() {
+                    drop(tokio::spawn(async move { drop(f) }));
+                }
+                self.ok.clear_before(&desc.upper);
+                self.err.clear_before(&desc.upper);
+            }
+            trace!(?desc, "own append accounted for");
+            if PartialOrder::less_than(&known, &desc.upper) {
+                known = desc.upper;
+            }
+        }
+        if let Some(f) = &self.in_flight
+            && PartialOrder::less_than(&f.desc.lower, &known)
         {
-            self.desc = None;
+            // The shard moved past the lower without this worker's batch
+            // (another writer won, or the append failed), or it was read
+            // back like anyone's: the updates are owed again.
+            self.restore();
+        }
+        if PartialOrder::less_than(&self.known, &known) {
+            self.known = known;
+            self.ok.advance_since(&self.known);
+            self.err.advance_since(&self.known);
+            if let Some((desc, _)) = &self.desc
+                && PartialOrder::less_than(&desc.lower, &self.known)
+            {
+                self.desc = None;
+            }
+        }
+    }
+
+    /// Puts the updates of the description in flight back in the buffer.
+    fn restore(&mut self) {
+        if let Some(f) = self.in_flight.take() {
+            trace!(desc = ?f.desc, "own batch not appended as written");
+            if !f.oks.is_empty() {
+                self.ok.insert(f.oks, false);
+            }
+            if !f.errs.is_empty() {
+                self.err.insert(f.errs, false);
+            }
+        }
+    }
+
+    /// Read-back updates, to subtract. Those at times before the known
+    /// frontier are dropped: data arrives before its input's frontier
+    /// passes it, so they can only come from the sink's own appends,
+    /// already accounted for.
+    fn persisted<D: Ord + Clone>(
+        known: &Antichain<u64>,
+        correction: &mut Correction<D>,
+        mut updates: Vec<(D, u64, i64)>,
+    ) {
+        updates.retain(|(_, t, _)| known.less_equal(t));
+        if !updates.is_empty() {
+            correction.insert(updates, true);
         }
     }
 
@@ -71,44 +172,173 @@ impl<K: SinkData, V: SinkData, E: SinkData> WriteState<K, V, E> {
     /// Writes the batch of the current description if both the shard (up
     /// to its lower) and the desired collection (up to its upper) are known.
     /// An empty share writes nothing but still releases the description.
+    ///
+    /// The updates are taken out of the buffer and encoded on the runtime's
+    /// blocking pool, off the worker thread; they are kept aside until the
+    /// shard shows whether the batch was appended.
     async fn maybe_write(
         &mut self,
         writer: &mut SinkWriteHandle<K, V, E>,
-    ) -> Option<(TransmittableBatch, Capability<u64>)> {
+    ) -> Option<(Vec<TransmittableBatch>, Capability<u64>)> {
         let (desc, _) = self.desc.as_ref()?;
         let desired = meet(&self.desired_ok, &self.desired_err);
         if desc.lower != self.persist() || !PartialOrder::less_equal(&desc.upper, &desired) {
             return None;
         }
         let (desc, cap) = self.desc.take()?;
-        let oks = self.ok.updates_before(&desc.upper);
-        let errs = self.err.updates_before(&desc.upper);
+        // Resolved before the known frontier reached this lower; never in
+        // flight here, but owed again if it were.
+        self.restore();
+        let oks = self.ok.take_before(&desc.upper);
+        let errs = self.err.take_before(&desc.upper);
         if oks.is_empty() && errs.is_empty() {
+            self.in_flight = Some(InFlight { desc, oks, errs });
             return None;
         }
+        // A large share is split into batches encoded in parallel (append
+        // appends all of a description's batches as one).
         let count = oks.len() + errs.len();
-        let updates = oks
-            .into_iter()
-            .map(|((k, v), t, r)| ((Record::Data(k, v), ()), t, r))
-            .chain(
-                errs.into_iter()
-                    .map(|(e, t, r)| ((Record::Error(e), ()), t, r)),
-            );
-        match writer
-            .batch(updates, desc.lower.clone(), desc.upper.clone())
-            .await
-        {
-            Ok(batch) => {
-                let buffered = self.ok.len() + self.err.len();
-                debug!(?desc, count, buffered, "wrote a batch");
-                Some((batch.into_transmittable_batch(), cap))
-            }
-            Err(err) => {
-                // The updates stay in the buffer: a later batch writes them.
-                error!(?desc, %err, "sink cannot write a batch");
-                None
+        let runtime = tokio::runtime::Handle::current();
+        let chunks = (count / MIN_SPLIT_UPDATES)
+            .min(runtime.metrics().num_workers())
+            .max(1);
+        let chunk_len = oks.len().div_ceil(chunks).max(1);
+        let mut oks = oks.into_iter();
+        let mut errs = Some(errs);
+        let tasks: Vec<_> = (0..chunks)
+            .map(|_| {
+                let chunk: Vec<_> = oks.by_ref().take(chunk_len).collect();
+                let errs = errs.take().unwrap_or_default();
+                let builder = writer.builder(desc.lower.clone());
+                let upper = desc.upper.clone();
+                offload(&runtime, write_batch(builder, chunk, errs, upper))
+            })
+            .collect();
+        let mut in_flight = InFlight {
+            desc,
+            oks: Vec::with_capacity(count),
+            errs: Vec::new(),
+        };
+        let mut batches = Vec::with_capacity(chunks);
+        let mut failed = None;
+        for task in tasks {
+            let written = match task.await {
+                Ok(written) => written,
+                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                Err(err) => {
+                    // The runtime is shutting down, with this worker's
+                    // updates in the task: hold the description so that no
+                    // incomplete set of batches is appended for it.
+                    error!(desc = ?in_flight.desc, %err, "sink's batch writing was cancelled");
+                    return std::future::pending().await;
+                }
+            };
+            in_flight.oks.extend(written.oks);
+            in_flight.errs.extend(written.errs);
+            match written.batch {
+                Ok(Some(batch)) => batches.push(batch),
+                Ok(None) => {}
+                Err(err) => failed = Some(err),
             }
         }
+        if let Some(err) = failed {
+            // Back in the buffer: a later batch writes them.
+            error!(desc = ?in_flight.desc, %err, "sink cannot write a batch");
+            for batch in batches {
+                batch.delete().await;
+            }
+            self.in_flight = Some(in_flight);
+            self.restore();
+            return None;
+        }
+        let buffered = self.ok.len() + self.err.len();
+        debug!(desc = ?in_flight.desc, count, batches = batches.len(), buffered, "wrote batches");
+        self.in_flight = Some(in_flight);
+        if batches.is_empty() {
+            return None;
+        }
+        let batches = batches
+            .into_iter()
+            .map(|batch| batch.into_transmittable_batch())
+            .collect();
+        Some((batches, cap))
+    }
+}
+
+/// A worker's share of a description is split into parallel batches of at
+/// least this many updates each (at most one per runtime thread).
+const MIN_SPLIT_UPDATES: usize = 8192;
+
+type SinkBatch<K, V, E> = persist_client::Batch<Record<K, V, E>, (), u64, i64>;
+type SinkBatchBuilder<K, V, E> = persist_client::BatchBuilder<Record<K, V, E>, (), u64, i64>;
+
+/// What [`write_batch`] did: the batch (none if there were no updates) and
+/// the updates, handed back.
+struct WrittenBatch<K, V, E> {
+    batch: Result<Option<SinkBatch<K, V, E>>, String>,
+    oks: Vec<((K, V), u64, i64)>,
+    errs: Vec<(E, u64, i64)>,
+}
+
+/// Writes `oks` and `errs` with `builder` as a batch ending at `upper`.
+///
+/// They need not be consolidated: the builder consolidates their encoded
+/// forms (cheaper than comparing decoded keys), and updates that cancel
+/// across parts of a large batch are still a correct batch.
+async fn write_batch<K: SinkData, V: SinkData, E: SinkData>(
+    mut builder: SinkBatchBuilder<K, V, E>,
+    oks: Vec<((K, V), u64, i64)>,
+    errs: Vec<(E, u64, i64)>,
+    upper: Antichain<u64>,
+) -> WrittenBatch<K, V, E> {
+    if oks.is_empty() && errs.is_empty() {
+        return WrittenBatch {
+            batch: Ok(None),
+            oks,
+            errs,
+        };
+    }
+    let mut failed = None;
+    // Records own their fields: wrap each update to encode it, then unwrap
+    // it again, so nothing is cloned.
+    let mut kept_oks = Vec::with_capacity(oks.len());
+    for ((k, v), t, r) in oks {
+        let record = Record::Data(k, v);
+        if failed.is_none()
+            && let Err(err) = builder.add(&record, &(), &t, &r).await
+        {
+            failed = Some(err.to_string());
+        }
+        if let Record::Data(k, v) = record {
+            kept_oks.push(((k, v), t, r));
+        }
+    }
+    let mut kept_errs = Vec::with_capacity(errs.len());
+    for (e, t, r) in errs {
+        let record = Record::Error(e);
+        if failed.is_none()
+            && let Err(err) = builder.add(&record, &(), &t, &r).await
+        {
+            failed = Some(err.to_string());
+        }
+        if let Record::Error(e) = record {
+            kept_errs.push((e, t, r));
+        }
+    }
+    let batch = match failed {
+        // The parts written so far are never referenced; they stay behind
+        // in blob until the shard is finalized.
+        Some(err) => Err(err),
+        None => builder
+            .finish(upper)
+            .await
+            .map(Some)
+            .map_err(|err| err.to_string()),
+    };
+    WrittenBatch {
+        batch,
+        oks: kept_oks,
+        errs: kept_errs,
     }
 }
 
@@ -126,6 +356,7 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
     desired_err: StreamVec<'scope, u64, (E, u64, i64)>,
     persist_ok: StreamVec<'scope, u64, ((K, V), u64, i64)>,
     persist_err: StreamVec<'scope, u64, (E, u64, i64)>,
+    own_appends: StreamVec<'scope, u64, Bounds<u64>>,
     descs: StreamVec<'scope, u64, BatchDescription>,
 ) -> Written<'scope> {
     let scope = desired_ok.scope();
@@ -143,6 +374,7 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
     let mut persist_ok = builder.new_disconnected_input(persist_ok, Exchange::new(by_ok));
     let mut persist_err = builder.new_disconnected_input(persist_err, Exchange::new(by_err));
     let mut descs = builder.new_input_for(descs.broadcast(), Pipeline, &[batches_out.index()]);
+    let mut own_appends = builder.new_disconnected_input(own_appends.broadcast(), Pipeline);
     let client = args.client.clone();
     let shard = args.shard_id;
     let schema = std::sync::Arc::clone(&args.schema);
@@ -165,7 +397,11 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
             desired_err: Antichain::from_elem(0),
             persist_ok: Antichain::from_elem(0),
             persist_err: Antichain::from_elem(0),
+            own_frontier: Antichain::from_elem(0),
+            own_pending: VecDeque::new(),
+            known: Antichain::from_elem(0),
             desc: None,
+            in_flight: None,
         };
         loop {
             if desired_ok.is_closed()
@@ -173,6 +409,7 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
                 && persist_ok.is_closed()
                 && persist_err.is_closed()
                 && descs.is_closed()
+                && own_appends.is_closed()
             {
                 break;
             }
@@ -186,15 +423,30 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
                     Event::Progress(f) => { advance(&mut state.desired_err, &f); }
                 },
                 Some(event) = next_or_done(&mut persist_ok) => match event {
-                    Event::Data { data, .. } => state.ok.insert(data, true),
+                    Event::Data { data, .. } => {
+                        WriteState::<K, V, E>::persisted(&state.known, &mut state.ok, data);
+                    }
                     Event::Progress(f) => if advance(&mut state.persist_ok, &f) {
-                        state.persist_advanced();
+                        state.read_back_advanced();
                     },
                 },
                 Some(event) = next_or_done(&mut persist_err) => match event {
-                    Event::Data { data, .. } => state.err.insert(data, true),
+                    Event::Data { data, .. } => {
+                        WriteState::<K, V, E>::persisted(&state.known, &mut state.err, data);
+                    }
                     Event::Progress(f) => if advance(&mut state.persist_err, &f) {
-                        state.persist_advanced();
+                        state.read_back_advanced();
+                    },
+                },
+                Some(event) = next_or_done(&mut own_appends) => match event {
+                    Event::Data { data, .. } => {
+                        state.own_pending.extend(data.into_iter().map(|(lower, upper)| {
+                            BatchDescription { lower, upper }
+                        }));
+                        state.read_back_advanced();
+                    }
+                    Event::Progress(f) => if advance(&mut state.own_frontier, &f) {
+                        state.read_back_advanced();
                     },
                 },
                 Some(event) = next_or_done(&mut descs) => {
@@ -208,8 +460,8 @@ pub(super) fn render<'scope, K: SinkData, V: SinkData, E: SinkData>(
                 },
                 else => {}
             }
-            if let Some((batch, cap)) = state.maybe_write(&mut writer).await {
-                batches_out.give(&cap, batch);
+            if let Some((mut batches, cap)) = state.maybe_write(&mut writer).await {
+                batches_out.give_container(&cap, &mut batches);
             }
         }
         writer.expire().await;
