@@ -222,7 +222,12 @@ where
 
     /// Compacts the shard now: merges batches as the compaction policy
     /// asks (the same work writers do in the background after appends)
-    /// until it asks for nothing more. Concurrent compactions by other
+    /// until it asks for nothing more, and also merges the batches that
+    /// lie wholly before the since into one run if some were compacted at
+    /// an older since or consist of several runs (collapsing each key's
+    /// versions, which the background policy leaves for later; a since that
+    /// keeps moving meanwhile gets a few such merges, not endless ones).
+    /// Concurrent compactions by other
     /// handles or processes are safe: each merge replaces its inputs only
     /// if they are all still in state. Retries external failures; fails
     /// with a shard error if a part is missing or corrupt.
@@ -232,6 +237,7 @@ where
             &self.part_reader(),
             &self.part_writer(),
             usize::MAX,
+            true,
         )
         .await?;
         Ok(stats)

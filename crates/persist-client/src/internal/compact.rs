@@ -39,18 +39,25 @@ pub struct CompactionStats {
 }
 
 /// Merges what the shard's compaction policy asks for, again and again,
-/// until it asks for nothing (or `max_merges` merges were done).
+/// until it asks for nothing (or `max_merges` merges were done). With
+/// `full`, it then also collapses the batches behind the since (see
+/// [`State::collapse_request`](crate::internal::state::State::collapse_request)),
+/// a few times at most: each collapse merges `compaction_max_runs` runs
+/// into one, so a few rounds bring any batch down to one run, and a bound
+/// keeps a since that moves under load from asking forever.
 pub(crate) async fn compact_until_done<T, D>(
     machine: &Machine<T>,
     reader: &PartReader,
     writer: &PartWriter<T>,
     max_merges: usize,
+    full: bool,
 ) -> Result<CompactionStats, ShardError>
 where
     T: Timestamp + Lattice + Codec64 + Sync,
     D: Semigroup + Codec64,
 {
     let mut stats = CompactionStats::default();
+    let mut collapses = if full { MAX_COLLAPSES } else { 0 };
     for _ in 0..max_merges {
         let state = machine.fetch_latest().await.map_err(|e| {
             let e: ClientError<T> = e.into();
@@ -62,8 +69,16 @@ where
                 },
             }
         })?;
-        let Some(request) = state.compaction_request() else {
-            break;
+        let request = match state.compaction_request() {
+            Some(request) => request,
+            None if collapses > 0 => {
+                collapses -= 1;
+                match state.collapse_request() {
+                    Some(request) => request,
+                    None => break,
+                }
+            }
+            None => break,
         };
         match compact_one::<T, D>(machine, reader, writer, &request).await? {
             CompactionOutcome::Applied | CompactionOutcome::AlreadyApplied => stats.applied += 1,
@@ -72,6 +87,10 @@ where
     }
     Ok(stats)
 }
+
+/// How many collapses one full compaction does at most: enough to bring
+/// `4^8` runs down to one with the smallest `compaction_max_runs`.
+const MAX_COLLAPSES: usize = 8;
 
 /// Starts compacting in the background if the policy asks for a merge and
 /// no compaction of the shard is running in this process.
@@ -95,7 +114,7 @@ pub(crate) fn spawn_if_needed<T, D>(
     let (machine, reader, writer) = (machine.clone(), reader.clone(), writer.clone());
     runtime.spawn(async move {
         let _guard = guard;
-        if let Err(err) = compact_until_done::<T, D>(&machine, &reader, &writer, 64).await {
+        if let Err(err) = compact_until_done::<T, D>(&machine, &reader, &writer, 64, false).await {
             tracing::warn!(shard = %machine.shard_id(), %err, "background compaction failed");
         }
     });

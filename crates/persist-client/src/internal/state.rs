@@ -423,6 +423,48 @@ impl<T: Timestamp + Lattice + Codec64> State<T> {
         })
     }
 
+    /// The merge a full compaction adds once the policy above asks for
+    /// nothing: the batches that lie wholly before the since, if there are
+    /// several and one was compacted at an older since, or if one is made
+    /// of several runs (a merge of more runs than `compaction_max_runs`
+    /// writes one run per group), or if the only one holds times beyond the
+    /// older since it was compacted at. Merging them at the
+    /// current since into one run collapses each key's versions into one
+    /// and cancels updates retracted in a later batch, which geometric
+    /// merging alone leaves in place for as long as sizes stay geometric.
+    ///
+    /// Not part of the background policy: with a since that follows the
+    /// upper, it would ask to rewrite the oldest data after every append.
+    pub fn collapse_request(&self) -> Option<CompactionRequest<T>> {
+        if self.is_tombstone() {
+            return None;
+        }
+        let behind = self
+            .batches
+            .iter()
+            .take_while(|b| PartialOrder::less_equal(b.desc.upper(), &self.since))
+            .count();
+        let prefix = &self.batches[..behind];
+        let stale = |b: &HollowBatch<T>| !PartialOrder::less_equal(&self.since, b.desc.since());
+        // Whether some time of `b` lies beyond the since it was compacted
+        // at, so that advancing to the current since may merge its records.
+        let uncollapsed = |b: &HollowBatch<T>| {
+            b.parts.iter().any(|p| {
+                let join = T::decode(p.ts_upper);
+                !b.desc.since().elements().iter().any(|s| join.less_equal(s))
+            })
+        };
+        let useful = match prefix {
+            [] => false,
+            [only] => only.runs().len() > 1 || (stale(only) && uncollapsed(only)),
+            several => several.iter().any(|b| stale(b) || b.runs().len() > 1),
+        };
+        useful.then(|| CompactionRequest {
+            inputs: self.batches[..behind].to_vec(),
+            since: self.since.clone(),
+        })
+    }
+
     /// Replaces the batches a compaction merged with its `output`, if they
     /// are all still in state, unchanged but for the last one's upper
     /// (which empty appends may have extended, adding no updates).
@@ -932,6 +974,38 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(s.batches.iter().map(|b| b.len).sum::<u64>(), 1000);
+    }
+
+    #[test]
+    fn a_collapse_merges_the_batches_behind_a_newer_since() {
+        let mut s = state();
+        let w = WriterId::new();
+        // Geometric sizes, so the background policy asks for nothing.
+        for (lower, upper, len) in [(0, 1, 8), (1, 2, 3), (2, 3, 1)] {
+            let mut b = batch(lower, upper, 1);
+            b.len = len;
+            s.compare_and_append(&b, w, IdempotencyToken::new(), 1, 10)
+                .unwrap();
+        }
+        assert!(s.compaction_request().is_none());
+        // Nothing is wholly before the since yet.
+        assert!(s.collapse_request().is_none());
+        let r = LeasedReaderId::new();
+        s.register_leased_reader(r, "r", 0, 10);
+        s.downgrade_since(r, SeqNo(0), &frontier(2), 1);
+        let req = s.collapse_request().expect("two batches behind the since");
+        assert_eq!(req.inputs.len(), 2);
+        assert_eq!(req.inputs[1].desc.upper(), &frontier(2));
+        assert_eq!(req.since, frontier(2));
+        // Once merged at the current since, there is nothing to collapse.
+        let mut out = batch(0, 2, 1);
+        out.desc = Description::new(frontier(0), frontier(2), frontier(2));
+        out.len = 9;
+        assert_eq!(
+            s.apply_compaction(&req.inputs, out),
+            CompactionOutcome::Applied
+        );
+        assert!(s.collapse_request().is_none());
     }
 
     #[test]

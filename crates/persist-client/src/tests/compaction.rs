@@ -9,6 +9,7 @@ use persist::unreliable::{UnreliableBlob, UnreliableConsensus, UnreliableHandle}
 use persist::{Blob, Consensus, SeqNo};
 use persist_types::{ShardId, SimpleSchema};
 use proptest::prelude::*;
+use timely::PartialOrder;
 use timely::progress::Antichain;
 
 use super::{Update, expect_open, f};
@@ -169,6 +170,23 @@ async fn a_shard_stays_small_under_many_appends() {
     }
     settle(&[&write]).await;
     write.compact().await.unwrap();
+    // An explicit compaction also collapses what lies behind the since:
+    // one run, one record per live key.
+    let state = write.machine.fetch_latest().await.unwrap();
+    let behind: Vec<_> = state
+        .batches
+        .iter()
+        .filter(|b| PartialOrder::less_equal(b.desc.upper(), &state.since))
+        .collect();
+    assert!(
+        behind.len() <= 1,
+        "{} batches behind the since",
+        behind.len()
+    );
+    for b in behind {
+        assert_eq!(b.runs().len(), 1, "runs {:?}", b.runs);
+        assert!(b.len <= 7, "{} records for 7 live keys", b.len);
+    }
     // The reader moves on (as a listener does), releasing old states.
     read.downgrade_since(&f(appends - 1)).await.unwrap();
     settle(&[&write]).await;
