@@ -42,9 +42,10 @@ pub struct CompactionStats {
 /// until it asks for nothing (or `max_merges` merges were done). With
 /// `full`, it then also collapses the batches behind the since (see
 /// [`State::collapse_request`](crate::internal::state::State::collapse_request)),
-/// a few times at most: each collapse merges `compaction_max_runs` runs
-/// into one, so a few rounds bring any batch down to one run, and a bound
-/// keeps a since that moves under load from asking forever.
+/// a few times at most: each collapse merges groups of
+/// `compaction_max_runs` runs into one, so a few rounds bring a batch down
+/// to one run, and the bound keeps a since that moves under load from
+/// asking forever.
 pub(crate) async fn compact_until_done<T, D>(
     machine: &Machine<T>,
     reader: &PartReader,
@@ -88,8 +89,10 @@ where
     Ok(stats)
 }
 
-/// How many collapses one full compaction does at most: enough to bring
-/// `4^8` runs down to one with the smallest `compaction_max_runs`.
+/// How many collapses one full compaction does at most: each merges
+/// groups of `compaction_max_runs` runs (at least 2) into one, so 8 rounds
+/// bring at least `2^8` runs down to one; a batch with more keeps a few
+/// runs until the next call.
 const MAX_COLLAPSES: usize = 8;
 
 /// Starts compacting in the background if the policy asks for a merge and

@@ -788,7 +788,9 @@ enum Written {
     Committed,
     /// The head was not the expected one; it is this.
     Mismatch(Option<VersionedData>),
-    /// An external failure, after which the entry is not in the log.
+    /// An external failure, and the entry was not in the log when checked
+    /// (an indeterminate write may still land later; transitions are safe
+    /// to apply twice).
     Failed,
 }
 

@@ -555,6 +555,10 @@ fn check_row_groups(
 ) -> Result<(usize, Vec<GroupPages>), PartError> {
     let mut total = 0usize;
     let mut groups = Vec::with_capacity(meta.row_groups().len());
+    // Chunks must follow one another in the file, in row-group and column
+    // order, without overlapping: a footer listing the same bytes many
+    // times would otherwise make decoding cost far more than the input.
+    let mut free_from = MAGIC.len();
     for (rg_idx, rg) in meta.row_groups().iter().enumerate() {
         let rows = usize::try_from(rg.num_rows()).map_err(|_| {
             PartError::corrupt(format!("row group {rg_idx} has {} rows", rg.num_rows()))
@@ -593,17 +597,19 @@ fn check_row_groups(
             let range = match (start, len) {
                 (Some(start), Some(len)) => start
                     .checked_add(len)
-                    .filter(|&end| start >= MAGIC.len() && end <= footer_start)
+                    .filter(|&end| start >= free_from && end <= footer_start)
                     .map(|end| start..end),
                 _ => None,
             };
             let Some(range) = range else {
                 return Err(PartError::corrupt(at(format!(
-                    "column chunk at offset {} of {} bytes lies outside the data",
+                    "column chunk at offset {} of {} bytes lies outside the data \
+                     or overlaps an earlier chunk",
                     chunk.data_page_offset(),
                     chunk.compressed_size()
                 ))));
             };
+            free_from = range.end;
             *pages = check_pages(bytes, range, compressed, min_value_size)
                 .map_err(|e| PartError::corrupt(at(e)))?;
             let values: usize = pages.iter().map(|p| p.values).sum();

@@ -36,7 +36,8 @@
 //! writer records a CRC-32 over the data, and [`decode_part`] recomputes it
 //! and refuses a mismatch as corrupt. In version 2 the checksum covers the
 //! uncompressed values of every data page, in file order (row group by row
-//! group, column by column, page by page); compression does not change it,
+//! group, column by column, page by page: readers require the chunks to
+//! follow one another in that order); compression does not change it,
 //! and both ends hash long contiguous buffers. Version 1 hashed the updates
 //! row by row (for each row: the key's length as a little-endian `u64`,
 //! the key, the same for the val, then the time and diff bytes).

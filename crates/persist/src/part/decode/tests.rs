@@ -714,3 +714,36 @@ fn panics_become_corrupt_errors() {
         }
     );
 }
+
+/// A footer listing the same column chunks in many row groups would make
+/// decoding cost a multiple of the input per listing: refused.
+#[test]
+fn row_groups_sharing_bytes_are_rejected() {
+    use parquet::file::metadata::{
+        FileMetaData, ParquetMetaDataBuilder, ParquetMetaDataReader, ParquetMetaDataWriter,
+    };
+    let part = encode(&small_updates(50), &EncodeOptions::default());
+    let meta = ParquetMetaDataReader::new()
+        .parse_and_finish(&part.bytes)
+        .unwrap();
+    let file = meta.file_metadata();
+    let groups = vec![meta.row_group(0).clone(); 3];
+    let forged = FileMetaData::new(
+        file.version(),
+        file.num_rows() * 3,
+        file.created_by().map(str::to_string),
+        file.key_value_metadata().cloned(),
+        file.schema_descr_ptr(),
+        None,
+    );
+    let forged = ParquetMetaDataBuilder::new(forged)
+        .set_row_groups(groups)
+        .build();
+    let footer_len =
+        u32::from_le_bytes(part.bytes[part.bytes.len() - 8..][..4].try_into().unwrap());
+    let mut bytes = part.bytes[..part.bytes.len() - 8 - footer_len as usize].to_vec();
+    ParquetMetaDataWriter::new(&mut bytes, &forged)
+        .finish()
+        .unwrap();
+    assert_corrupt(Bytes::from(bytes), "overlaps an earlier chunk");
+}
