@@ -274,21 +274,36 @@ impl Column {
         }
     }
 
-    /// Appends `u`'s value of this column, `PLAIN`-encoded. (A little-endian
-    /// `i64` is stored as its 8 bytes, so the `Codec64` bytes are the value
-    /// as they are.) Binary lengths were checked to fit in `u32`.
-    #[inline]
-    fn write(self, u: &PartUpdate<'_>, out: &mut Vec<u8>) {
-        let binary = |value: &[u8], out: &mut Vec<u8>| {
+    /// Appends this column's value of each of `updates`, `PLAIN`-encoded,
+    /// and returns how many there were. (A little-endian `i64` is stored as
+    /// its 8 bytes, so the `Codec64` bytes are the value as they are.)
+    /// Binary lengths were checked to fit in `u32`. One loop per column, so
+    /// the per-value work is a straight copy.
+    fn write<'a>(self, updates: impl Iterator<Item = PartUpdate<'a>>, out: &mut Vec<u8>) -> usize {
+        fn binary(value: &[u8], out: &mut Vec<u8>) {
             out.extend_from_slice(&(value.len() as u32).to_le_bytes());
             out.extend_from_slice(value);
-        };
-        match self {
-            Column::Key => binary(u.0, out),
-            Column::Val => binary(u.1, out),
-            Column::Time => out.extend_from_slice(&u.2),
-            Column::Diff => out.extend_from_slice(&u.3),
         }
+        let mut n = 0;
+        match self {
+            Column::Key => updates.for_each(|u| {
+                binary(u.0, out);
+                n += 1;
+            }),
+            Column::Val => updates.for_each(|u| {
+                binary(u.1, out);
+                n += 1;
+            }),
+            Column::Time => updates.for_each(|u| {
+                out.extend_from_slice(&u.2);
+                n += 1;
+            }),
+            Column::Diff => updates.for_each(|u| {
+                out.extend_from_slice(&u.3);
+                n += 1;
+            }),
+        }
+        n
     }
 }
 
@@ -481,11 +496,7 @@ impl PageWriter {
             let (size, count_i32) = (to_i32(bytes)?, to_i32(count)?);
             if self.compress {
                 self.plain.clear();
-                let mut written = 0;
-                for u in values.by_ref().take(count) {
-                    column.write(&u, &mut self.plain);
-                    written += 1;
-                }
+                let written = column.write(values.by_ref().take(count), &mut self.plain);
                 check_written(written, count)?;
                 self.crc.update(&self.plain);
                 self.compressed
@@ -502,11 +513,7 @@ impl PageWriter {
                 uncompressed += self.out.len() - header_at + bytes;
                 self.out.reserve(bytes);
                 let data_at = self.out.len();
-                let mut written = 0;
-                for u in values.by_ref().take(count) {
-                    column.write(&u, &mut self.out);
-                    written += 1;
-                }
+                let written = column.write(values.by_ref().take(count), &mut self.out);
                 check_written(written, count)?;
                 self.crc.update(&self.out[data_at..]);
             }
