@@ -216,15 +216,10 @@ pub enum Added {
 pub struct BatchBuilder<K: Codec, V: Codec, T, D> {
     pub(crate) writer: PartWriter<T>,
     pub(crate) lower: Antichain<T>,
-    /// The encoded keys and values of the buffered updates, back to back:
-    /// one allocation for them all, reused from part to part.
-    pub(crate) arena: Vec<u8>,
-    /// The buffered updates: where their key ends (and their value starts)
-    /// and where their value ends in `arena`, their time and diff.
-    pub(crate) buffer: Vec<((usize, usize, usize), T, D)>,
+    /// The buffered updates, encoded, reused from part to part.
+    pub(crate) buffer: UpdateArena<T, D>,
     /// The allocation the last part was encoded into, for the next one.
     pub(crate) output: Vec<u8>,
-    pub(crate) buffered_bytes: usize,
     /// The part size to aim for, read once when the builder is made.
     pub(crate) target_size: usize,
     /// The maximal times added so far: an update is at or beyond an upper
@@ -268,20 +263,13 @@ where
         buffers: BuilderBuffers<T, D>,
     ) -> Self {
         let target_size = writer.cfg.get().blob_target_size.max(1);
-        let BuilderBuffers {
-            mut arena,
-            mut buffer,
-            output,
-        } = buffers;
-        arena.clear();
+        let BuilderBuffers { mut buffer, output } = buffers;
         buffer.clear();
         BatchBuilder {
             writer,
             lower,
-            arena,
             buffer,
             output,
-            buffered_bytes: 0,
             target_size,
             maxima: Vec::new(),
             parts: Vec::new(),
@@ -311,15 +299,13 @@ where
             self.maxima.retain(|m| !m.less_equal(ts));
             self.maxima.push(ts.clone());
         }
-        let start = self.arena.len();
-        key.encode(&mut self.arena);
-        let key_end = self.arena.len();
-        val.encode(&mut self.arena);
-        let val_end = self.arena.len();
-        self.buffered_bytes += val_end - start + UPDATE_OVERHEAD_BYTES;
-        self.buffer
-            .push(((start, key_end, val_end), ts.clone(), diff.clone()));
-        if self.buffered_bytes >= self.target_size {
+        self.buffer.push_with(
+            |buf| key.encode(buf),
+            |buf| val.encode(buf),
+            ts.clone(),
+            diff.clone(),
+        );
+        if self.buffer.size() >= self.target_size {
             self.flush().await?;
             return Ok(Added::RecordAndParts);
         }
@@ -328,23 +314,11 @@ where
 
     /// Consolidates the buffered updates and writes them as one part.
     async fn flush(&mut self) -> Result<(), ShardError> {
-        let mut start = 0;
-        let mut updates: Vec<BorrowedUpdate<'_, T, D>> = self
-            .buffer
-            .drain(..)
-            .map(|((key_start, key_end, val_end), t, d)| {
-                debug_assert_eq!(key_start, start);
-                start = val_end;
-                let key = &self.arena[key_start..key_end];
-                let val = &self.arena[key_end..val_end];
-                ((key, val), t, d)
-            })
-            .collect();
+        let mut updates = self.buffer.borrowed();
         consolidate_runs(&mut updates);
         let written = self.writer.write_part(&updates, &mut self.output).await;
         drop(updates);
-        self.arena.clear();
-        self.buffered_bytes = 0;
+        self.buffer.clear();
         if let Some(part) = written? {
             self.len += part.len;
             self.parts.push(part);
@@ -409,13 +383,11 @@ impl<K: Codec, V: Codec, T, D> BatchBuilder<K, V, T, D> {
     /// that one outlier does not stay allocated.
     pub(crate) fn into_buffers(mut self) -> Option<BuilderBuffers<T, D>> {
         let limit = self.target_size.saturating_mul(2);
-        if self.arena.capacity() > limit || self.output.capacity() > limit {
+        if self.buffer.bytes.capacity() > limit || self.output.capacity() > limit {
             return None;
         }
-        self.arena.clear();
         self.buffer.clear();
         Some(BuilderBuffers {
-            arena: std::mem::take(&mut self.arena),
             buffer: std::mem::take(&mut self.buffer),
             output: std::mem::take(&mut self.output),
         })
@@ -427,18 +399,93 @@ impl<K: Codec, V: Codec, T, D> BatchBuilder<K, V, T, D> {
 /// memory that is already allocated (and faulted in) instead of growing
 /// fresh buffers for every batch. Each is bounded by the target part size.
 pub(crate) struct BuilderBuffers<T, D> {
-    pub(crate) arena: Vec<u8>,
-    pub(crate) buffer: Vec<((usize, usize, usize), T, D)>,
+    pub(crate) buffer: UpdateArena<T, D>,
     pub(crate) output: Vec<u8>,
 }
 
 impl<T, D> Default for BuilderBuffers<T, D> {
     fn default() -> Self {
         BuilderBuffers {
-            arena: Vec::new(),
-            buffer: Vec::new(),
+            buffer: UpdateArena::default(),
             output: Vec::new(),
         }
+    }
+}
+
+/// Updates buffered for a part, their keys and values encoded back to back
+/// in one allocation (reused once cleared) rather than in two `Vec`s each.
+pub(crate) struct UpdateArena<T, D> {
+    /// The encoded keys and values.
+    pub(crate) bytes: Vec<u8>,
+    /// Per update: where its key ends (and its value starts) and where its
+    /// value ends in `bytes`, its time and its diff.
+    index: Vec<(usize, usize, T, D)>,
+}
+
+impl<T, D> Default for UpdateArena<T, D> {
+    fn default() -> Self {
+        UpdateArena {
+            bytes: Vec::new(),
+            index: Vec::new(),
+        }
+    }
+}
+
+impl<T, D> UpdateArena<T, D> {
+    /// Forgets the buffered updates, keeping the allocations.
+    pub(crate) fn clear(&mut self) {
+        self.bytes.clear();
+        self.index.clear();
+    }
+}
+
+impl<T: Clone, D: Clone> UpdateArena<T, D> {
+    /// Buffers an update whose key and value `encode_key` and `encode_val`
+    /// append to the buffer they are given.
+    pub(crate) fn push_with(
+        &mut self,
+        encode_key: impl FnOnce(&mut Vec<u8>),
+        encode_val: impl FnOnce(&mut Vec<u8>),
+        t: T,
+        d: D,
+    ) {
+        encode_key(&mut self.bytes);
+        let key_end = self.bytes.len();
+        encode_val(&mut self.bytes);
+        self.index.push((key_end, self.bytes.len(), t, d));
+    }
+
+    /// Buffers an update whose key and value are already encoded.
+    pub(crate) fn push(&mut self, key: &[u8], val: &[u8], t: T, d: D) {
+        self.push_with(
+            |b| b.extend_from_slice(key),
+            |b| b.extend_from_slice(val),
+            t,
+            d,
+        );
+    }
+
+    /// The bytes the buffered updates count for when deciding that a part
+    /// is full: their keys and values, plus a fixed overhead each.
+    pub(crate) fn size(&self) -> usize {
+        self.bytes.len() + self.index.len() * UPDATE_OVERHEAD_BYTES
+    }
+
+    /// The buffered updates, in the order they were pushed, borrowing their
+    /// keys and values.
+    pub(crate) fn borrowed(&self) -> Vec<BorrowedUpdate<'_, T, D>> {
+        let mut start = 0;
+        self.index
+            .iter()
+            .map(|(key_end, val_end, t, d)| {
+                let kv = (
+                    &self.bytes[start..*key_end],
+                    &self.bytes[*key_end..*val_end],
+                );
+                start = *val_end;
+                (kv, t.clone(), d.clone())
+            })
+            .collect()
     }
 }
 

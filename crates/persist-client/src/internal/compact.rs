@@ -21,7 +21,7 @@ use persist::part::DecodedPart;
 use persist_types::Codec64;
 use timely::progress::{Antichain, Timestamp};
 
-use crate::batch::PartWriter;
+use crate::batch::{PartWriter, UpdateArena};
 use crate::error::{ClientError, ShardError};
 use crate::fetch::PartReader;
 use crate::internal::machine::{Machine, Transition};
@@ -357,14 +357,9 @@ where
 struct RunWriter<'a, T, D> {
     writer: &'a PartWriter<T>,
     target_size: usize,
-    /// The buffered keys and vals, back to back.
-    arena: Vec<u8>,
-    /// The buffered updates: where their key ends and their val ends in
-    /// `arena`, their time and diff.
-    buffer: Vec<(usize, usize, T, D)>,
+    buffer: UpdateArena<T, D>,
     /// The allocation the last part was encoded into, for the next one.
     output: Vec<u8>,
-    buffered_bytes: usize,
     parts: Vec<HollowPart>,
     _phantom: PhantomData<D>,
 }
@@ -378,46 +373,26 @@ where
         RunWriter {
             writer,
             target_size: writer.cfg.get().blob_target_size.max(1),
-            arena: Vec::new(),
-            buffer: Vec::new(),
+            buffer: UpdateArena::default(),
             output: Vec::new(),
-            buffered_bytes: 0,
             parts: Vec::new(),
             _phantom: PhantomData,
         }
     }
 
     async fn push(&mut self, key: &[u8], val: &[u8], t: T, d: D) -> Result<(), ShardError> {
-        self.buffered_bytes += key.len() + val.len() + 16;
-        self.arena.extend_from_slice(key);
-        let key_end = self.arena.len();
-        self.arena.extend_from_slice(val);
-        self.buffer.push((key_end, self.arena.len(), t, d));
-        if self.buffered_bytes >= self.target_size {
+        self.buffer.push(key, val, t, d);
+        if self.buffer.size() >= self.target_size {
             self.flush().await?;
         }
         Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), ShardError> {
-        let mut start = 0;
-        let updates: Vec<crate::fetch::BorrowedUpdate<'_, T, D>> = self
-            .buffer
-            .iter()
-            .map(|(key_end, val_end, t, d)| {
-                let kv = (
-                    &self.arena[start..*key_end],
-                    &self.arena[*key_end..*val_end],
-                );
-                start = *val_end;
-                (kv, t.clone(), d.clone())
-            })
-            .collect();
+        let updates = self.buffer.borrowed();
         let written = self.writer.write_part(&updates, &mut self.output).await?;
         drop(updates);
-        self.arena.clear();
         self.buffer.clear();
-        self.buffered_bytes = 0;
         self.parts.extend(written);
         Ok(())
     }

@@ -318,7 +318,7 @@ async fn write_handles_reuse_their_part_buffers() {
         write.spare_buffers.output.capacity() > 0,
         "the part's buffer came back"
     );
-    let arena = write.spare_buffers.arena.capacity();
+    let arena = write.spare_buffers.buffer.bytes.capacity();
     assert!(arena > 0);
     // The same keys again, so the part is no larger than the first.
     let second = at(1, &data[..25]);
@@ -328,7 +328,7 @@ async fn write_handles_reuse_their_part_buffers() {
         output,
         "the same allocation"
     );
-    assert_eq!(write.spare_buffers.arena.capacity(), arena);
+    assert_eq!(write.spare_buffers.buffer.bytes.capacity(), arena);
     let mut written = first;
     written.extend(second);
     let mut got = expect_snapshot_and_fetch(&mut read, 1).await;
