@@ -3,6 +3,7 @@
 
 use std::fmt::Debug;
 use std::marker::PhantomData;
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,7 +21,7 @@ use crate::cfg::DynamicConfig;
 use crate::error::{ClientError, Codecs, InvalidUsage, ShardError};
 use crate::ids::LeasedReaderId;
 use crate::internal::machine::Backoff;
-use crate::internal::merge::{consolidate_times, merge_sorted_runs};
+use crate::internal::merge::{Unsorted, consolidate_times, merge_sorted_runs, split_runs};
 use crate::internal::part::check_codecs;
 use crate::internal::state::HollowPart;
 
@@ -410,8 +411,10 @@ impl PartReader {
 /// the parts and decoded into `K` and `V`.
 ///
 /// Each part is a sorted run, so they are merged, visiting each update
-/// once, and only surviving keys and values are decoded. A part that is not
-/// sorted (not written by this code) is handled by sorting everything.
+/// once, and only surviving keys and values are decoded. Large reads are
+/// split into key ranges merged on several threads at once (the calling
+/// thread among them; see [`merge_threads`]). A part that is not sorted
+/// (not written by this code) is handled by sorting everything.
 pub(crate) fn consolidate_parts<K, V, T, D>(
     parts: &[LeasedBatchPart<T>],
     decoded: &[DecodedPart],
@@ -424,18 +427,142 @@ where
     T: Timestamp + Lattice + Codec64,
     D: Semigroup + Codec64,
 {
-    let decode = |k: &[u8], v: &[u8]| {
-        (
-            K::decode(k, key_schema).map_err(|e| e.to_string()),
-            V::decode(v, val_schema).map_err(|e| e.to_string()),
+    let len = decoded.iter().map(DecodedPart::len).sum();
+    consolidate_parts_on(parts, decoded, key_schema, val_schema, merge_threads(len))
+}
+
+/// [`consolidate_parts`] on at most `threads` threads.
+fn consolidate_parts_on<K, V, T, D>(
+    parts: &[LeasedBatchPart<T>],
+    decoded: &[DecodedPart],
+    key_schema: &K::Schema,
+    val_schema: &V::Schema,
+    threads: usize,
+) -> Vec<FetchedUpdate<K, V, T, D>>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64,
+    D: Semigroup + Codec64,
+{
+    let lens: Vec<usize> = decoded.iter().map(DecodedPart::len).collect();
+    let len = lens.iter().sum();
+    let pieces = split_runs(&lens, |r, i| decoded[r].get(i).0, threads);
+    let uniform: Vec<Option<T>> = parts.iter().map(LeasedBatchPart::uniform_time).collect();
+    let merge = |piece: &[Range<usize>], capacity: usize| {
+        merge_piece(
+            parts, decoded, piece, &uniform, key_schema, val_schema, capacity,
         )
     };
-    let len = decoded.iter().map(DecodedPart::len).sum();
-    let mut out = Vec::with_capacity(len);
-    let uniform: Vec<Option<T>> = parts.iter().map(LeasedBatchPart::uniform_time).collect();
+    let merged = match pieces.as_slice() {
+        [] => Ok(Vec::new()),
+        [whole] => merge(whole, len),
+        [first, rest @ ..] => std::thread::scope(|scope| {
+            // The first piece is merged here, into a vector with room for
+            // everything, to which the others are then appended.
+            let merge = &merge;
+            let others: Vec<_> = rest
+                .iter()
+                .map(|piece| {
+                    let size = piece.iter().map(ExactSizeIterator::len).sum();
+                    let spawned = std::thread::Builder::new()
+                        .name("persist-merge".into())
+                        .spawn_scoped(scope, move || merge(piece, size));
+                    // Without a thread, merge the piece here instead.
+                    spawned.map_err(|_| piece)
+                })
+                .collect();
+            let mut out = merge(first, len)?;
+            for other in others {
+                let merged = match other {
+                    Ok(handle) => handle
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    Err(piece) => merge(piece, 0),
+                };
+                out.extend(merged?);
+            }
+            Ok(out)
+        }),
+    };
+    if let Ok(out) = merged {
+        return out;
+    }
+    tracing::warn!("a part is not a sorted run; consolidating by sorting");
+    let decode = |k: &[u8], v: &[u8]| decode_kv::<K, V>(k, v, key_schema, val_schema);
+    let mut updates: Vec<BorrowedUpdate<'_, T, D>> = Vec::with_capacity(len);
+    for (part, data) in parts.iter().zip(decoded) {
+        for (k, v, t, d) in data.iter() {
+            let mut t = T::decode(t);
+            if part.keeps(&mut t) {
+                updates.push(((k, v), t, D::decode(d)));
+            }
+        }
+    }
+    crate::read::consolidate_runs(&mut updates);
+    updates
+        .into_iter()
+        .map(|((k, v), t, d)| (decode(k, v), t, d))
+        .collect()
+}
+
+/// Decodes a key and a value, each into its own result (one undecodable
+/// half does not hide the other).
+fn decode_kv<K: Codec, V: Codec>(
+    k: &[u8],
+    v: &[u8],
+    key_schema: &K::Schema,
+    val_schema: &V::Schema,
+) -> (Result<K, String>, Result<V, String>) {
+    (
+        K::decode(k, key_schema).map_err(|e| e.to_string()),
+        V::decode(v, val_schema).map_err(|e| e.to_string()),
+    )
+}
+
+/// Reads with fewer updates than this per thread are merged on one thread:
+/// below it, starting a thread costs about as much as it saves.
+const MIN_UPDATES_PER_MERGE_THREAD: usize = 1 << 16;
+
+/// Merging never uses more threads than this, however many cores there are.
+const MAX_MERGE_THREADS: usize = 8;
+
+/// How many threads merge a read of `len` updates: one per
+/// [`MIN_UPDATES_PER_MERGE_THREAD`] updates, at most one per core and at
+/// most [`MAX_MERGE_THREADS`].
+pub(crate) fn merge_threads(len: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (len / MIN_UPDATES_PER_MERGE_THREAD).clamp(1, cores.min(MAX_MERGE_THREADS))
+}
+
+/// Merges one key range of the parts (`piece[r]` the range of part `r`)
+/// into a vector of at least `capacity`: the `consolidate_parts` of that
+/// range. Fails if a part is not sorted there.
+fn merge_piece<K, V, T, D>(
+    parts: &[LeasedBatchPart<T>],
+    decoded: &[DecodedPart],
+    piece: &[Range<usize>],
+    uniform: &[Option<T>],
+    key_schema: &K::Schema,
+    val_schema: &V::Schema,
+    capacity: usize,
+) -> Result<Vec<FetchedUpdate<K, V, T, D>>, Unsorted>
+where
+    K: Codec,
+    V: Codec,
+    T: Timestamp + Lattice + Codec64,
+    D: Semigroup + Codec64,
+{
+    let decode = |k: &[u8], v: &[u8]| decode_kv::<K, V>(k, v, key_schema, val_schema);
+    let size = piece.iter().map(ExactSizeIterator::len).sum();
+    let mut out = Vec::with_capacity(capacity.max(size));
     let mut times: Vec<(T, D)> = Vec::new();
-    let runs = decoded.iter().map(DecodedPart::iter).collect();
-    let merged = merge_sorted_runs(runs, |k, v, rows| {
+    let runs = decoded
+        .iter()
+        .zip(piece)
+        .map(|(part, range)| range.clone().map(|i| part.get(i)))
+        .collect();
+    merge_sorted_runs(runs, |k, v, rows| {
         times.clear();
         for (run, t, d) in rows {
             let t = match &uniform[*run] {
@@ -452,26 +579,8 @@ where
         }
         consolidate_times(&mut times);
         out.extend(times.drain(..).map(|(t, d)| (decode(k, v), t, d)));
-    });
-    if merged.is_ok() {
-        return out;
-    }
-    tracing::warn!("a part is not a sorted run; consolidating by sorting");
-    drop(out);
-    let mut updates: Vec<BorrowedUpdate<'_, T, D>> = Vec::with_capacity(len);
-    for (part, data) in parts.iter().zip(decoded) {
-        for (k, v, t, d) in data.iter() {
-            let mut t = T::decode(t);
-            if part.keeps(&mut t) {
-                updates.push(((k, v), t, D::decode(d)));
-            }
-        }
-    }
-    crate::read::consolidate_runs(&mut updates);
-    updates
-        .into_iter()
-        .map(|((k, v), t, d)| (decode(k, v), t, d))
-        .collect()
+    })?;
+    Ok(out)
 }
 
 /// An update with its key and value still encoded, borrowed from a
@@ -491,7 +600,108 @@ fn in_description<T: Timestamp>(t: &T, desc: &Description<T>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use differential_dataflow::consolidation::consolidate_updates;
+    use persist::part::{PartCodecs, encode_part};
+    use persist_types::SimpleSchema;
+    use proptest::prelude::*;
+
     use super::*;
+
+    type Owned = ((Vec<u8>, Vec<u8>), u64, i64);
+
+    /// A snapshot part at `as_of` of a batch `[0, 100)` holding `run`
+    /// (whose time bounds it records), and the run decoded.
+    fn snapshot_part(run: &[Owned], as_of: u64) -> (LeasedBatchPart<u64>, DecodedPart) {
+        let codecs = PartCodecs {
+            key: "bytes".into(),
+            val: "bytes".into(),
+            ts: "u64".into(),
+            diff: "i64".into(),
+        };
+        let rows = run
+            .iter()
+            .map(|((k, v), t, d)| (&k[..], &v[..], t.to_le_bytes(), d.to_le_bytes()));
+        let encoded = encode_part(&codecs, false, rows).unwrap();
+        let times = run.iter().map(|(_, t, _)| *t);
+        let part = LeasedBatchPart {
+            shard_id: ShardId::new(),
+            reader_id: None,
+            leased_seqno: None,
+            desc: Description::new(
+                Antichain::from_elem(0),
+                Antichain::from_elem(100),
+                Antichain::from_elem(0),
+            ),
+            part: HollowPart {
+                key: "k".into(),
+                len: run.len() as u64,
+                encoded_size_bytes: encoded.bytes.len() as u64,
+                key_lower: vec![],
+                key_upper: None,
+                ts_lower: Codec64::encode(&times.clone().min().unwrap_or(0)),
+                ts_upper: Codec64::encode(&times.max().unwrap_or(0)),
+            },
+            filter: FetchFilter::Snapshot {
+                as_of: Antichain::from_elem(as_of),
+            },
+        };
+        (part, decode_part(encoded.bytes).unwrap())
+    }
+
+    fn sorted_run() -> impl Strategy<Value = Vec<Owned>> {
+        prop::collection::vec(
+            (
+                (
+                    prop::collection::vec(0u8..6, 0..3),
+                    prop::collection::vec(0u8..2, 0..2),
+                ),
+                0u64..8,
+                -2i64..3,
+            ),
+            0..40,
+        )
+        .prop_map(|mut run| {
+            run.sort();
+            run
+        })
+    }
+
+    proptest! {
+        /// However many threads merge, a read returns the parts' updates
+        /// at or before the as_of, advanced to it and consolidated, in order.
+        #[test]
+        fn consolidating_on_any_number_of_threads_agrees_with_the_model(
+            runs in prop::collection::vec(sorted_run(), 0..6),
+            as_of in 0u64..8,
+            threads in 1usize..5,
+        ) {
+            let (parts, decoded): (Vec<_>, Vec<_>) =
+                runs.iter().map(|run| snapshot_part(run, as_of)).unzip();
+            let schema = SimpleSchema::<Vec<u8>>::new();
+            let got: Vec<FetchedUpdate<Vec<u8>, Vec<u8>, u64, i64>> =
+                consolidate_parts_on(&parts, &decoded, &schema, &schema, threads);
+            let mut expected: Vec<Owned> = runs
+                .iter()
+                .flatten()
+                .filter(|(_, t, _)| *t <= as_of)
+                .map(|(data, _, d)| (data.clone(), as_of, *d))
+                .collect();
+            consolidate_updates(&mut expected);
+            let got: Vec<Owned> = got
+                .into_iter()
+                .map(|((k, v), t, d)| ((k.unwrap(), v.unwrap()), t, d))
+                .collect();
+            prop_assert_eq!(got, expected);
+        }
+    }
+
+    #[test]
+    fn large_reads_merge_on_several_threads() {
+        assert_eq!(merge_threads(0), 1);
+        assert_eq!(merge_threads(MIN_UPDATES_PER_MERGE_THREAD - 1), 1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(merge_threads(usize::MAX), cores.min(MAX_MERGE_THREADS));
+    }
 
     proptest::proptest! {
         /// When a part reads as one uniform time, every one of its times

@@ -82,7 +82,9 @@ impl<T: 'static> Schema<T> for SimpleSchema<T> {}
 ///
 /// The encoding must be deterministic (equal values encode to equal bytes)
 /// and [`Codec::decode`] must accept everything [`Codec::encode`] produces.
-pub trait Codec: Debug + Sized + 'static {
+/// Values must be `Send`: large reads decode on several threads at once and
+/// hand the values back to the caller's.
+pub trait Codec: Debug + Send + Sized + 'static {
     /// The shape of this type's values (see [`Schema`]).
     type Schema: Schema<Self>;
 
@@ -113,8 +115,9 @@ pub trait Codec: Debug + Sized + 'static {
 /// A type that encodes into exactly eight bytes: persist's times and diffs.
 ///
 /// Every eight-byte pattern must decode to some value (decoding cannot fail),
-/// and `decode(encode(x)) == x`.
-pub trait Codec64: Sized + Clone + Debug + 'static {
+/// and `decode(encode(x)) == x`. Like [`Codec`] values, times and diffs are
+/// shared between the threads of a large read.
+pub trait Codec64: Sized + Clone + Debug + Send + Sync + 'static {
     /// A name for this encoding, recorded in every shard that stores the type.
     fn codec_name() -> String;
 

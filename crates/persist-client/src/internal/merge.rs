@@ -10,6 +10,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::collections::binary_heap::PeekMut;
+use std::ops::Range;
 
 use differential_dataflow::difference::Semigroup;
 
@@ -125,6 +126,86 @@ where
     Ok(())
 }
 
+/// Splits sorted runs into at most `pieces` consecutive key ranges of
+/// about equal size, so that each range can be merged on its own and the
+/// merged ranges concatenated in order.
+///
+/// `lens[r]` is the length of run `r` and `key(r, i)` the key of its `i`th
+/// update. Returns one entry per range, each holding one index range per
+/// run (possibly empty). All updates with one key fall in one range, and
+/// every key of a range is less than every key of the next.
+///
+/// The splitting keys are quantiles sampled from every run. If a run turns
+/// out not to be sorted around a split point (so that the ranges would not
+/// be ordered), returns a single range covering every run whole: merging
+/// it then reports the run as [`Unsorted`].
+pub(crate) fn split_runs<'a>(
+    lens: &[usize],
+    key: impl Fn(usize, usize) -> &'a [u8],
+    pieces: usize,
+) -> Vec<Vec<Range<usize>>> {
+    let whole = || vec![lens.iter().map(|len| 0..*len).collect::<Vec<_>>()];
+    let nonempty = lens.iter().filter(|len| **len > 0).count();
+    if pieces < 2 || nonempty == 0 {
+        return whole();
+    }
+    // Every run's keys at its `1/pieces, 2/pieces, ...` quantiles, sorted:
+    // every `nonempty`-th of them approximates the quantiles of all keys.
+    let mut samples: Vec<&[u8]> = Vec::with_capacity(nonempty * (pieces - 1));
+    for (run, len) in lens.iter().enumerate().filter(|(_, len)| **len > 0) {
+        samples.extend((1..pieces).map(|q| key(run, len * q / pieces)));
+    }
+    samples.sort_unstable();
+    let mut splitters: Vec<&[u8]> = (0..pieces - 1)
+        .map(|q| samples[q * nonempty + nonempty / 2])
+        .collect();
+    splitters.dedup();
+
+    // `bounds[s][r]`: the first update of run `r` whose key is at or past
+    // splitter `s`.
+    let mut bounds: Vec<Vec<usize>> = Vec::with_capacity(splitters.len());
+    for splitter in &splitters {
+        let mut at = Vec::with_capacity(lens.len());
+        for (run, len) in lens.iter().enumerate() {
+            let b = partition_point(*len, |i| key(run, i) < *splitter);
+            // A binary search over an unsorted run finds some index; check
+            // that the run really changes sides there, after the previous
+            // split point.
+            let previous = bounds.last().map_or(0, |at: &Vec<usize>| at[run]);
+            let sorted_here = previous <= b
+                && (b == 0 || key(run, b - 1) < *splitter)
+                && (b == *len || key(run, b) >= *splitter);
+            if !sorted_here {
+                return whole();
+            }
+            at.push(b);
+        }
+        bounds.push(at);
+    }
+    let mut ranges = Vec::with_capacity(bounds.len() + 1);
+    let mut starts = vec![0; lens.len()];
+    for ends in bounds.iter().map(Vec::as_slice).chain([lens]) {
+        ranges.push(starts.iter().zip(ends).map(|(s, e)| *s..*e).collect());
+        starts.copy_from_slice(ends);
+    }
+    ranges
+}
+
+/// The first index in `0..len` for which `below` is false, given that it
+/// is true for a prefix of the indices and false after.
+fn partition_point(len: usize, below: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, len);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if below(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
 /// Sorts `(time, diff)` pairs by time, sums the diffs of equal times and
 /// drops zeros.
 pub(crate) fn consolidate_times<T: Ord, D: Semigroup>(updates: &mut Vec<(T, D)>) {
@@ -208,6 +289,90 @@ mod tests {
             runs in prop::collection::vec(sorted_run(), 0..6),
         ) {
             prop_assert_eq!(merged(&runs), Ok(expected(&runs)));
+        }
+    }
+
+    /// Merges `runs` as `split_runs` splits them into `pieces`, one range
+    /// after another, checking that the ranges cover every run in order.
+    fn merged_in_pieces(runs: &[Vec<Owned>], pieces: usize) -> Result<Vec<Owned>, Unsorted> {
+        let lens: Vec<usize> = runs.iter().map(Vec::len).collect();
+        let split = split_runs(&lens, |r, i| &runs[r][i].0[..], pieces);
+        assert!(!split.is_empty() && split.len() <= pieces.max(1));
+        for (run, len) in lens.iter().enumerate() {
+            let mut next = 0;
+            for piece in &split {
+                assert_eq!(
+                    piece[run].start, next,
+                    "ranges of run {run} must be contiguous"
+                );
+                assert!(piece[run].start <= piece[run].end);
+                next = piece[run].end;
+            }
+            assert_eq!(next, *len, "ranges must cover run {run}");
+        }
+        let mut out = Vec::new();
+        for piece in &split {
+            let runs: Vec<Vec<Owned>> = runs
+                .iter()
+                .zip(piece)
+                .map(|(run, range)| run[range.clone()].to_vec())
+                .collect();
+            out.extend(merged(&runs)?);
+        }
+        Ok(out)
+    }
+
+    fn any_run() -> impl Strategy<Value = Vec<Owned>> {
+        prop::collection::vec(
+            (
+                prop::collection::vec(0u8..4, 0..3),
+                prop::collection::vec(0u8..3, 0..2),
+                0u64..4,
+                -2i64..3,
+            ),
+            0..30,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn merging_split_runs_piece_by_piece_consolidates_them(
+            runs in prop::collection::vec(sorted_run(), 0..6),
+            pieces in 1usize..6,
+        ) {
+            prop_assert_eq!(merged_in_pieces(&runs, pieces), Ok(expected(&runs)));
+        }
+
+        /// Unsorted runs split into ranges that still cover them, and a
+        /// split never hides the disorder: the merge either reports it or
+        /// (when the disorder lies only in time order) is right.
+        #[test]
+        fn splitting_unsorted_runs_never_loses_or_misorders_updates(
+            runs in prop::collection::vec(any_run(), 0..6),
+            pieces in 1usize..6,
+        ) {
+            if let Ok(out) = merged_in_pieces(&runs, pieces) {
+                prop_assert_eq!(out, expected(&runs));
+            }
+        }
+    }
+
+    #[test]
+    fn split_runs_balances_interleaved_runs() {
+        // Ten runs whose keys interleave, as ten batches appended in turn.
+        let runs: Vec<Vec<Owned>> = (0..10u64)
+            .map(|b| {
+                (0..1000u64)
+                    .map(|i| ((i * 10 + b).to_be_bytes().to_vec(), vec![], 0, 1))
+                    .collect()
+            })
+            .collect();
+        let lens: Vec<usize> = runs.iter().map(Vec::len).collect();
+        let split = split_runs(&lens, |r, i| &runs[r][i].0[..], 4);
+        assert_eq!(split.len(), 4);
+        for piece in &split {
+            let size: usize = piece.iter().map(ExactSizeIterator::len).sum();
+            assert!((2000..3000).contains(&size), "unbalanced piece of {size}");
         }
     }
 
