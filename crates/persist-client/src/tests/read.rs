@@ -217,8 +217,10 @@ async fn skip_consensus_fetch_optimization() {
         unreliable.clone(),
     ));
     let cfg = PersistConfig {
-        // No since downgrades (which need consensus) during the test.
+        // No since downgrades (which need consensus) during the test, and
+        // no compaction, which may merge the batches the listen steps through.
         since_downgrade_interval: std::time::Duration::from_secs(3600),
+        compaction_enabled: false,
         ..PersistConfig::new_for_tests()
     };
     let client = PersistClient::new(cfg, Arc::new(MemBlob::new()), consensus);
