@@ -562,21 +562,28 @@ where
         .zip(piece)
         .map(|(part, range)| range.clone().map(|i| part.get(i)))
         .collect();
-    merge_sorted_runs(runs, |k, v, rows| {
-        times.clear();
-        for (run, t, d) in rows {
-            let t = match &uniform[*run] {
-                Some(t) => t.clone(),
-                None => {
-                    let mut t = T::decode(*t);
-                    if !parts[*run].keeps(&mut t) {
-                        continue;
-                    }
-                    t
-                }
-            };
-            times.push((t, D::decode(*d)));
+    // The time an update of part `run` stored at `t` is read at, if kept.
+    let kept = |run: usize, t: [u8; 8]| match &uniform[run] {
+        Some(t) => Some(t.clone()),
+        None => {
+            let mut t = T::decode(t);
+            parts[run].keeps(&mut t).then_some(t)
         }
+    };
+    merge_sorted_runs(runs, |k, v, rows| {
+        // Most keys have one update: no times to consolidate.
+        if let [(run, t, d)] = rows {
+            let d = D::decode(*d);
+            if let Some(t) = kept(*run, *t).filter(|_| !d.is_zero()) {
+                out.push((decode(k, v), t, d));
+            }
+            return;
+        }
+        times.clear();
+        times.extend(
+            rows.iter()
+                .filter_map(|(run, t, d)| Some((kept(*run, *t)?, D::decode(*d)))),
+        );
         consolidate_times(&mut times);
         out.extend(times.drain(..).map(|(t, d)| (decode(k, v), t, d)));
     })?;

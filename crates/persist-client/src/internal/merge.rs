@@ -99,7 +99,11 @@ where
     }
     let mut group: Vec<(usize, [u8; 8], [u8; 8])> = Vec::new();
     while let Some(first) = heap.peek() {
-        let current = Head::new(first.row, first.run);
+        let current = Head {
+            prefix: first.prefix,
+            row: first.row,
+            run: first.run,
+        };
         group.clear();
         while let Some(mut top) = heap.peek_mut() {
             if top.cmp_data(&current) != Ordering::Equal {
