@@ -16,6 +16,7 @@ use persist_types::{Codec, Codec64, ShardId};
 use serde::{Deserialize, Serialize};
 use timely::PartialOrder;
 use timely::progress::{Antichain, Timestamp};
+use tokio::task::JoinHandle;
 
 use crate::cfg::DynamicConfig;
 use crate::error::{ClientError, Codecs, InvalidUsage, ShardError};
@@ -341,9 +342,45 @@ impl PartReader {
     #[tracing::instrument(level = "debug", skip_all, fields(shard = %self.shard_id, key = %part.key))]
     pub async fn fetch_decoded(&self, part: &HollowPart) -> Result<DecodedPart, ShardError> {
         let bytes = self.fetch_bytes(&part.key).await?;
-        let decoded = decode_part(bytes).map_err(|e| self.part_error(&part.key, e.to_string()))?;
-        check_codecs(&decoded, &self.codecs)
-            .map_err(|e| self.part_error(&part.key, e.to_string()))?;
+        self.decode(&part.key, bytes)
+    }
+
+    /// [`Self::fetch_decoded`], returning as soon as the bytes are in: the
+    /// decoding (pages and checksums, CPU work) runs on a blocking thread,
+    /// and the caller goes on fetching meanwhile. Await the result with
+    /// [`Self::decoded`]; dropped, the decoding still runs to its end.
+    pub async fn fetch_then_decode(
+        &self,
+        part: &HollowPart,
+    ) -> Result<JoinHandle<Result<DecodedPart, ShardError>>, ShardError> {
+        let bytes = self.fetch_bytes(&part.key).await?;
+        let (reader, key) = (self.clone(), part.key.clone());
+        Ok(tokio::task::spawn_blocking(move || {
+            reader.decode(&key, bytes)
+        }))
+    }
+
+    /// The part decoding started by [`Self::fetch_then_decode`] for `part`.
+    /// A panic while decoding resumes here; decoding cancelled because the
+    /// runtime is shutting down is an error.
+    pub async fn decoded(
+        &self,
+        part: &HollowPart,
+        decoding: JoinHandle<Result<DecodedPart, ShardError>>,
+    ) -> Result<DecodedPart, ShardError> {
+        match decoding.await {
+            Ok(decoded) => decoded,
+            Err(err) => match err.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => Err(self.part_error(&part.key, "decoding was cancelled".to_owned())),
+            },
+        }
+    }
+
+    /// Decodes `bytes`, read from `key`, checking the part's codecs.
+    fn decode(&self, key: &str, bytes: Bytes) -> Result<DecodedPart, ShardError> {
+        let decoded = decode_part(bytes).map_err(|e| self.part_error(key, e.to_string()))?;
+        check_codecs(&decoded, &self.codecs).map_err(|e| self.part_error(key, e.to_string()))?;
         Ok(decoded)
     }
 
@@ -428,7 +465,8 @@ where
     D: Semigroup + Codec64,
 {
     let len = decoded.iter().map(DecodedPart::len).sum();
-    consolidate_parts_on(parts, decoded, key_schema, val_schema, merge_threads(len))
+    let threads = merge_threads(len);
+    consolidate_parts_on(parts, decoded, key_schema, val_schema, threads)
 }
 
 /// [`consolidate_parts`] on at most `threads` threads.
@@ -449,14 +487,12 @@ where
     let len = lens.iter().sum();
     let pieces = split_runs(&lens, |r, i| decoded[r].get(i).0, threads);
     let uniform: Vec<Option<T>> = parts.iter().map(LeasedBatchPart::uniform_time).collect();
-    let merge = |piece: &[Range<usize>], capacity: usize| {
-        merge_piece(
-            parts, decoded, piece, &uniform, key_schema, val_schema, capacity,
-        )
+    let merge = |piece: &[Range<usize>], out: Vec<_>| {
+        merge_piece(parts, decoded, piece, &uniform, key_schema, val_schema, out)
     };
     let merged = match pieces.as_slice() {
         [] => Ok(Vec::new()),
-        [whole] => merge(whole, len),
+        [whole] => merge(whole, Vec::with_capacity(len)),
         [first, rest @ ..] => std::thread::scope(|scope| {
             // The first piece is merged here, into a vector with room for
             // everything, to which the others are then appended.
@@ -464,21 +500,20 @@ where
             let others: Vec<_> = rest
                 .iter()
                 .map(|piece| {
-                    let size = piece.iter().map(ExactSizeIterator::len).sum();
                     let spawned = std::thread::Builder::new()
                         .name("persist-merge".into())
-                        .spawn_scoped(scope, move || merge(piece, size));
+                        .spawn_scoped(scope, move || merge(piece, Vec::new()));
                     // Without a thread, merge the piece here instead.
                     spawned.map_err(|_| piece)
                 })
                 .collect();
-            let mut out = merge(first, len)?;
+            let mut out = merge(first, Vec::with_capacity(len))?;
             for other in others {
                 let merged = match other {
                     Ok(handle) => handle
                         .join()
                         .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                    Err(piece) => merge(piece, 0),
+                    Err(piece) => merge(piece, Vec::new()),
                 };
                 out.extend(merged?);
             }
@@ -536,8 +571,8 @@ pub(crate) fn merge_threads(len: usize) -> usize {
 }
 
 /// Merges one key range of the parts (`piece[r]` the range of part `r`)
-/// into a vector of at least `capacity`: the `consolidate_parts` of that
-/// range. Fails if a part is not sorted there.
+/// onto the end of `out`: the `consolidate_parts` of that range. Fails if
+/// a part is not sorted there.
 fn merge_piece<K, V, T, D>(
     parts: &[LeasedBatchPart<T>],
     decoded: &[DecodedPart],
@@ -545,7 +580,7 @@ fn merge_piece<K, V, T, D>(
     uniform: &[Option<T>],
     key_schema: &K::Schema,
     val_schema: &V::Schema,
-    capacity: usize,
+    mut out: Vec<FetchedUpdate<K, V, T, D>>,
 ) -> Result<Vec<FetchedUpdate<K, V, T, D>>, Unsorted>
 where
     K: Codec,
@@ -554,8 +589,7 @@ where
     D: Semigroup + Codec64,
 {
     let decode = |k: &[u8], v: &[u8]| decode_kv::<K, V>(k, v, key_schema, val_schema);
-    let size = piece.iter().map(ExactSizeIterator::len).sum();
-    let mut out = Vec::with_capacity(capacity.max(size));
+    out.reserve(piece.iter().map(ExactSizeIterator::len).sum());
     let mut times: Vec<(T, D)> = Vec::new();
     let runs = decoded
         .iter()

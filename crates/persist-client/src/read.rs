@@ -11,7 +11,7 @@ use differential_dataflow::lattice::Lattice;
 use differential_dataflow::trace::Description;
 use futures::{Stream, StreamExt, TryStreamExt};
 use persist::SeqNo;
-use persist::part::{DecodedPart, PartStats};
+use persist::part::PartStats;
 use persist_types::{Codec, Codec64, ShardId};
 use timely::PartialOrder;
 use timely::progress::{Antichain, Timestamp};
@@ -954,8 +954,8 @@ pub(crate) fn parts_of<T: Timestamp + Lattice + Codec64>(
         .collect()
 }
 
-/// Fetches `parts` (a few at a time, so blob latency overlaps), keeps them
-/// decoded, and consolidates over slices of them: keys and values are
+/// Fetches `parts` (a few at a time, so blob latency overlaps, each
+/// decoded on a blocking thread as it arrives), keeps them decoded, and consolidates over slices of them: keys and values are
 /// copied once, into the decoded `K` and `V`.
 pub(crate) async fn fetch_consolidated<K, V, T, D>(
     reader: &PartReader,
@@ -973,12 +973,16 @@ where
     // make this future `Send` only for one lifetime, not for all.
     let fetches: Vec<_> = parts
         .iter()
-        .map(|part| reader.fetch_decoded(&part.part))
+        .map(|part| reader.fetch_then_decode(&part.part))
         .collect();
-    let decoded: Vec<DecodedPart> = futures::stream::iter(fetches)
+    let decoding: Vec<_> = futures::stream::iter(fetches)
         .buffered(SNAPSHOT_FETCH_CONCURRENCY)
         .try_collect()
         .await?;
+    let mut decoded = Vec::with_capacity(parts.len());
+    for (part, decoding) in parts.iter().zip(decoding) {
+        decoded.push(reader.decoded(&part.part, decoding).await?);
+    }
     Ok(consolidate_parts(parts, &decoded, key_schema, val_schema))
 }
 
