@@ -591,11 +591,6 @@ where
     let decode = |k: &[u8], v: &[u8]| decode_kv::<K, V>(k, v, key_schema, val_schema);
     out.reserve(piece.iter().map(ExactSizeIterator::len).sum());
     let mut times: Vec<(T, D)> = Vec::new();
-    let runs = decoded
-        .iter()
-        .zip(piece)
-        .map(|(part, range)| range.clone().map(|i| part.get(i)))
-        .collect();
     // The time an update of part `run` stored at `t` is read at, if kept.
     let kept = |run: usize, t: [u8; 8]| match &uniform[run] {
         Some(t) => Some(t.clone()),
@@ -604,23 +599,27 @@ where
             parts[run].keeps(&mut t).then_some(t)
         }
     };
-    merge_sorted_runs(runs, |k, v, rows| {
-        // Most keys have one update: no times to consolidate.
-        if let [(run, t, d)] = rows {
-            let d = D::decode(*d);
-            if let Some(t) = kept(*run, *t).filter(|_| !d.is_zero()) {
-                out.push((decode(k, v), t, d));
+    merge_sorted_runs(
+        piece,
+        |run, i| decoded[run].get(i),
+        |k, v, rows| {
+            // Most keys have one update: no times to consolidate.
+            if let [(run, t, d)] = rows {
+                let d = D::decode(*d);
+                if let Some(t) = kept(*run, *t).filter(|_| !d.is_zero()) {
+                    out.push((decode(k, v), t, d));
+                }
+                return;
             }
-            return;
-        }
-        times.clear();
-        times.extend(
-            rows.iter()
-                .filter_map(|(run, t, d)| Some((kept(*run, *t)?, D::decode(*d)))),
-        );
-        consolidate_times(&mut times);
-        out.extend(times.drain(..).map(|(t, d)| (decode(k, v), t, d)));
-    })?;
+            times.clear();
+            times.extend(
+                rows.iter()
+                    .filter_map(|(run, t, d)| Some((kept(*run, *t)?, D::decode(*d)))),
+            );
+            consolidate_times(&mut times);
+            out.extend(times.drain(..).map(|(t, d)| (decode(k, v), t, d)));
+        },
+    )?;
     Ok(out)
 }
 

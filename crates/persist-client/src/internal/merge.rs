@@ -8,8 +8,6 @@
 //! each distinct `(key, val)` with all its times.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
-use std::collections::binary_heap::PeekMut;
 use std::ops::Range;
 
 use differential_dataflow::difference::Semigroup;
@@ -23,109 +21,140 @@ pub(crate) type Row<'a> = (&'a [u8], &'a [u8], [u8; 8], [u8; 8]);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Unsorted;
 
-/// The next update of one run, ordered (for a min-heap) by `(key, val)`
-/// and then by run, so that equal updates leave the heap in run order.
-struct Head<'a> {
+/// The next update of one run: the run, the update's index in it, and its
+/// key's first 8 bytes.
+///
+/// Small and `Copy`, so that the heap moves little; the key and value are
+/// looked up only when two prefixes tie.
+#[derive(Debug, Clone, Copy)]
+struct Head {
     /// The key's first 8 bytes, zero-padded, as a big-endian integer: when
     /// two heads' prefixes differ, they order the keys as the keys do (a
     /// shorter key pads with zeros, and sorts before any longer key it
     /// begins). Comparing them first spares most `memcmp` calls.
     prefix: u64,
-    row: Row<'a>,
     run: usize,
+    at: usize,
 }
 
-impl<'a> Head<'a> {
-    fn new(row: Row<'a>, run: usize) -> Self {
-        let mut prefix = [0u8; 8];
-        let n = row.0.len().min(8);
-        prefix[..n].copy_from_slice(&row.0[..n]);
-        Head {
-            prefix: u64::from_be_bytes(prefix),
-            row,
-            run,
+/// The [`Head::prefix`] of `key`.
+fn prefix_of(key: &[u8]) -> u64 {
+    let mut prefix = [0u8; 8];
+    let n = key.len().min(8);
+    prefix[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(prefix)
+}
+
+/// A binary min-heap of heads ordered by `(key, val)` and then by run (so
+/// that equal updates leave it in run order), with `row` to look updates
+/// up by run and index.
+struct Heads<R> {
+    heads: Vec<Head>,
+    row: R,
+}
+
+impl<'a, R: Fn(usize, usize) -> Row<'a>> Heads<R> {
+    /// Whether `a` comes before `b`.
+    fn less(&self, a: &Head, b: &Head) -> bool {
+        match a.prefix.cmp(&b.prefix) {
+            Ordering::Equal => {
+                let (x, y) = ((self.row)(a.run, a.at), (self.row)(b.run, b.at));
+                match (x.0, x.1).cmp(&(y.0, y.1)) {
+                    Ordering::Equal => a.run < b.run,
+                    order => order == Ordering::Less,
+                }
+            }
+            order => order == Ordering::Less,
         }
     }
 
-    /// Compares the heads' `(key, val)`.
-    fn cmp_data(&self, other: &Self) -> Ordering {
-        self.prefix
-            .cmp(&other.prefix)
-            .then_with(|| (self.row.0, self.row.1).cmp(&(other.row.0, other.row.1)))
+    /// Restores the heap order below `i`, given that it holds elsewhere.
+    fn sift_down(&mut self, mut i: usize) {
+        let n = self.heads.len();
+        loop {
+            let left = 2 * i + 1;
+            if left >= n {
+                return;
+            }
+            let right = left + 1;
+            let child = if right < n && self.less(&self.heads[right], &self.heads[left]) {
+                right
+            } else {
+                left
+            };
+            if !self.less(&self.heads[child], &self.heads[i]) {
+                return;
+            }
+            self.heads.swap(i, child);
+            i = child;
+        }
     }
 }
 
-impl PartialEq for Head<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-
-impl Eq for Head<'_> {}
-
-impl PartialOrd for Head<'_> {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Head<'_> {
-    fn cmp(&self, other: &Self) -> Ordering {
-        // Reversed: `BinaryHeap` is a max-heap.
-        other.cmp_data(self).then_with(|| other.run.cmp(&self.run))
-    }
-}
-
-/// Merges `runs`, each sorted by `(key, val)`, calling `each(key, val,
+/// Merges runs, each sorted by `(key, val)`, calling `each(key, val,
 /// rows)` once per distinct `(key, val)` in increasing order, where `rows`
 /// holds `(run index, time bytes, diff bytes)` of every update with that
 /// key and val (in run order, then in each run's order).
 ///
+/// Run `r` is the updates `row(r, i)` for `i` in `ranges[r]`.
+///
 /// Returns [`Unsorted`] as soon as a run turns out not to be sorted; `each`
 /// has been called for some prefix then.
-pub(crate) fn merge_sorted_runs<'a, I>(
-    runs: Vec<I>,
+pub(crate) fn merge_sorted_runs<'a>(
+    ranges: &[Range<usize>],
+    row: impl Fn(usize, usize) -> Row<'a>,
     mut each: impl FnMut(&'a [u8], &'a [u8], &[(usize, [u8; 8], [u8; 8])]),
-) -> Result<(), Unsorted>
-where
-    I: Iterator<Item = Row<'a>>,
-{
-    let mut runs = runs;
-    let mut heap = BinaryHeap::with_capacity(runs.len());
-    for (run, iter) in runs.iter_mut().enumerate() {
-        if let Some(row) = iter.next() {
-            heap.push(Head::new(row, run));
-        }
+) -> Result<(), Unsorted> {
+    let heads = ranges
+        .iter()
+        .enumerate()
+        .filter(|(_, range)| !range.is_empty())
+        .map(|(run, range)| Head {
+            prefix: prefix_of(row(run, range.start).0),
+            run,
+            at: range.start,
+        })
+        .collect();
+    let mut heap = Heads { heads, row };
+    for i in (0..heap.heads.len() / 2).rev() {
+        heap.sift_down(i);
     }
     let mut group: Vec<(usize, [u8; 8], [u8; 8])> = Vec::new();
-    while let Some(first) = heap.peek() {
-        let current = Head {
-            prefix: first.prefix,
-            row: first.row,
-            run: first.run,
-        };
+    while let Some(&first) = heap.heads.first() {
+        let (key, val, mut t, mut d) = (heap.row)(first.run, first.at);
         group.clear();
-        while let Some(mut top) = heap.peek_mut() {
-            if top.cmp_data(&current) != Ordering::Equal {
-                break;
+        loop {
+            // The least head has this key and val, and time `t` and diff
+            // `d`: take its update.
+            let top = heap.heads[0];
+            group.push((top.run, t, d));
+            let at = top.at + 1;
+            if at < ranges[top.run].end {
+                let next = (heap.row)(top.run, at);
+                let prefix = prefix_of(next.0);
+                let order = prefix
+                    .cmp(&first.prefix)
+                    .then_with(|| (next.0, next.1).cmp(&(key, val)));
+                if order == Ordering::Less {
+                    return Err(Unsorted);
+                }
+                heap.heads[0] = Head { prefix, at, ..top };
+            } else {
+                heap.heads.swap_remove(0);
             }
-            let run = top.run;
-            group.push((run, top.row.2, top.row.3));
-            match runs[run].next() {
-                Some(next) => {
-                    let next = Head::new(next, run);
-                    if next.cmp_data(&current) == Ordering::Less {
-                        return Err(Unsorted);
+            heap.sift_down(0);
+            match heap.heads.first() {
+                Some(h) if h.prefix == first.prefix => {
+                    let (k, v, next_t, next_d) = (heap.row)(h.run, h.at);
+                    if (k, v) != (key, val) {
+                        break;
                     }
-                    // Dropping the `PeekMut` restores the heap order.
-                    *top = next;
+                    (t, d) = (next_t, next_d);
                 }
-                None => {
-                    PeekMut::pop(top);
-                }
+                _ => break,
             }
         }
-        each(current.row.0, current.row.1, &group);
+        each(key, val, &group);
     }
     Ok(())
 }
@@ -239,9 +268,9 @@ mod tests {
     type Owned = (Vec<u8>, Vec<u8>, u64, i64);
     type Update = ((Vec<u8>, Vec<u8>), u64, i64);
 
-    fn rows(run: &[Owned]) -> impl Iterator<Item = Row<'_>> {
-        run.iter()
-            .map(|(k, v, t, d)| (&k[..], &v[..], t.to_le_bytes(), d.to_le_bytes()))
+    fn row(runs: &[Vec<Owned>], run: usize, i: usize) -> Row<'_> {
+        let (k, v, t, d) = &runs[run][i];
+        (&k[..], &v[..], t.to_le_bytes(), d.to_le_bytes())
     }
 
     /// What merging must produce: every update, consolidated, in order.
@@ -258,7 +287,9 @@ mod tests {
     fn merged(runs: &[Vec<Owned>]) -> Result<Vec<Owned>, Unsorted> {
         let mut out = Vec::new();
         let mut times = Vec::new();
-        merge_sorted_runs(runs.iter().map(|r| rows(r)).collect(), |k, v, group| {
+        let ranges: Vec<_> = runs.iter().map(|r| 0..r.len()).collect();
+        let row = |run, i| row(runs, run, i);
+        merge_sorted_runs(&ranges, row, |k, v, group| {
             times.clear();
             times.extend(
                 group
