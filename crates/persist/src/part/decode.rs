@@ -64,7 +64,7 @@ impl DecodedPart {
 
     /// The number of updates.
     pub fn len(&self) -> usize {
-        self.keys.starts.len()
+        self.keys.len()
     }
 
     /// Whether the part holds no updates.
@@ -93,22 +93,39 @@ impl DecodedPart {
     }
 }
 
-/// The values of a `BYTE_ARRAY` column: `PLAIN` pages (each value a
-/// little-endian `u32` length then its bytes) in `backing`, and where each
-/// value's bytes start. [`binary_column`] checked every start and length
-/// against `backing`.
+/// The values of a `BYTE_ARRAY` column.
 #[derive(Clone)]
-struct BinaryColumn {
-    backing: Bytes,
-    starts: Vec<u32>,
+enum BinaryColumn {
+    /// `PLAIN` pages (each value a little-endian `u32` length then its
+    /// bytes) in `backing`, and where each value's bytes start.
+    /// [`binary_column`] checked every start and length against `backing`.
+    Indexed { backing: Bytes, starts: Vec<u32> },
+    /// `len` values, all empty (as the values of a shard of `()` values
+    /// are): nothing to index or to read.
+    Empty { len: usize },
 }
 
 impl BinaryColumn {
+    fn len(&self) -> usize {
+        match self {
+            BinaryColumn::Indexed { starts, .. } => starts.len(),
+            BinaryColumn::Empty { len } => *len,
+        }
+    }
+
     fn value(&self, i: usize) -> &[u8] {
-        let start = self.starts[i] as usize;
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&self.backing[start - 4..start]);
-        &self.backing[start..start + u32::from_le_bytes(len) as usize]
+        match self {
+            BinaryColumn::Indexed { backing, starts } => {
+                let start = starts[i] as usize;
+                let mut len = [0u8; 4];
+                len.copy_from_slice(&backing[start - 4..start]);
+                &backing[start..start + u32::from_le_bytes(len) as usize]
+            }
+            BinaryColumn::Empty { len } => {
+                assert!(i < *len, "value {i} of a column of {len}");
+                &[]
+            }
+        }
     }
 }
 
@@ -293,6 +310,14 @@ fn binary_column<'a>(
     file_starts: Option<impl Iterator<Item = usize>>,
     rows: usize,
 ) -> Result<BinaryColumn, String> {
+    // Each empty value is its length, four zero bytes.
+    let empty = |(data, count): &(Bytes, usize)| {
+        data.len() == count.saturating_mul(4) && data.iter().all(|b| *b == 0)
+    };
+    if pages.clone().all(empty) {
+        let len = pages.map(|(_, count)| count).sum();
+        return Ok(BinaryColumn::Empty { len });
+    }
     let mut starts = Vec::with_capacity(rows);
     let backing = match file_starts {
         Some(page_starts) => {
@@ -314,7 +339,7 @@ fn binary_column<'a>(
             Bytes::from(buf)
         }
     };
-    Ok(BinaryColumn { backing, starts })
+    Ok(BinaryColumn::Indexed { backing, starts })
 }
 
 /// Appends to `starts` where each of the `count` values of the `PLAIN`

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 use super::super::builder::EncodeOptions;
 use super::super::{EncodedPart, MAX_STATS_KEY_BYTES, PartBuilder, PartCodecs, PartError};
-use super::{catch_panics, decode_part, decode_unguarded};
+use super::{BinaryColumn, catch_panics, decode_part, decode_unguarded};
 
 type Update = (Vec<u8>, Vec<u8>, [u8; 8], [u8; 8]);
 
@@ -143,6 +143,31 @@ fn empty_keys_and_vals_roundtrip() {
         (vec![0], vec![], [1; 8], [2; 8]),
     ];
     assert_roundtrips(&updates, &EncodeOptions::default());
+}
+
+/// A column of nothing but empty values (the values of a shard of `()`
+/// values) is not indexed at all, and still reads back, across pages and
+/// row groups; one non-empty value makes it an indexed column again.
+#[test]
+fn all_empty_values_are_not_indexed() {
+    let mut updates: Vec<Update> = (0..1000u32)
+        .map(|i| (i.to_be_bytes().to_vec(), vec![], [1; 8], [1; 8]))
+        .collect();
+    let split = EncodeOptions {
+        max_row_group_rows: Some(300),
+        max_page_rows: Some(70),
+        ..EncodeOptions::default()
+    };
+    for opts in [EncodeOptions::default(), split] {
+        let part = assert_roundtrips(&updates, &opts);
+        let decoded = decode_part(part.bytes).unwrap();
+        assert!(matches!(decoded.vals, BinaryColumn::Empty { len: 1000 }));
+        assert!(matches!(decoded.keys, BinaryColumn::Indexed { .. }));
+    }
+    updates[500].1 = vec![0];
+    let part = assert_roundtrips(&updates, &EncodeOptions::default());
+    let decoded = decode_part(part.bytes).unwrap();
+    assert!(matches!(decoded.vals, BinaryColumn::Indexed { .. }));
 }
 
 #[test]
