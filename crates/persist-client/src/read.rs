@@ -11,7 +11,7 @@ use differential_dataflow::lattice::Lattice;
 use differential_dataflow::trace::Description;
 use futures::{Stream, StreamExt, TryStreamExt};
 use persist::SeqNo;
-use persist::part::PartStats;
+use persist::part::{DecodedPart, PartStats};
 use persist_types::{Codec, Codec64, ShardId};
 use timely::PartialOrder;
 use timely::progress::{Antichain, Timestamp};
@@ -19,7 +19,7 @@ use timely::progress::{Antichain, Timestamp};
 use crate::error::{ClientError, ShardError, Since};
 use crate::fetch::{
     FetchFilter, FetchedPart, FetchedUpdate, LeasedBatchPart, PartReader, SerdeLeasedBatchPart,
-    consolidate_parts, part_stats,
+    consolidate_parts, merge_threads, part_stats,
 };
 use crate::ids::LeasedReaderId;
 use crate::internal::heartbeat::{self, ExpireOnDrop, HeartbeatTask, Holder};
@@ -983,7 +983,18 @@ where
     for (part, decoding) in parts.iter().zip(decoding) {
         decoded.push(reader.decoded(&part.part, decoding).await?);
     }
-    Ok(consolidate_parts(parts, &decoded, key_schema, val_schema))
+    let merge = || consolidate_parts(parts, &decoded, key_schema, val_schema);
+    // A large merge is tens of milliseconds of CPU: where the runtime
+    // allows, its worker hands its other tasks (heartbeats, other reads) to
+    // another thread meanwhile.
+    let len: usize = decoded.iter().map(DecodedPart::len).sum();
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread && merge_threads(len) > 1 {
+        Ok(tokio::task::block_in_place(merge))
+    } else {
+        Ok(merge())
+    }
 }
 
 /// How many parts `snapshot_and_fetch` fetches at once.
