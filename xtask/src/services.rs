@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -42,9 +42,16 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// The layout for the workspace this xtask was built from.
+    /// The layout for the workspace this xtask runs in.
+    ///
+    /// `cargo run` tells the binary its manifest directory at run time; that
+    /// one wins over the directory it was compiled in, because checkouts
+    /// sharing a `CARGO_TARGET_DIR` share one xtask binary, built in
+    /// whichever checkout built it last.
     pub fn for_this_workspace() -> Self {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+        let workspace = manifest_dir
             .parent()
             .expect("xtask lives in a subdirectory of the workspace root")
             .to_owned();
