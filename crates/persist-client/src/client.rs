@@ -408,8 +408,8 @@ impl PersistClient {
     pub async fn snapshot_unleased<K, V, T, D>(
         &self,
         shard_id: ShardId,
-        key_schema: &K::Schema,
-        val_schema: &V::Schema,
+        key_schema: Arc<K::Schema>,
+        val_schema: Arc<V::Schema>,
         as_of: timely::progress::Antichain<T>,
     ) -> Result<Vec<FetchedUpdate<K, V, T, D>>, ClientError<T>>
     where
@@ -429,7 +429,7 @@ impl PersistClient {
             };
             let parts = parts_of(shard_id, &batches, &filter, None);
             let reader = self.part_reader(&machine);
-            match fetch_consolidated(&reader, &parts, key_schema, val_schema).await {
+            match fetch_consolidated(&reader, &parts, &key_schema, &val_schema).await {
                 // Holding no lease, the read may lose a part to compaction
                 // and garbage collection: a newer state has the same data
                 // in other parts.

@@ -98,6 +98,19 @@ impl<T: Timestamp + Lattice + Codec64> LeasedBatchPart<T> {
         self.shard_id
     }
 
+    /// A copy holding no lease, to carry the part's description and
+    /// filter where the part itself cannot go (another thread).
+    pub(crate) fn unleased_copy(&self) -> Self {
+        LeasedBatchPart {
+            shard_id: self.shard_id,
+            reader_id: None,
+            leased_seqno: None,
+            desc: self.desc.clone(),
+            part: self.part.clone(),
+            filter: self.filter.clone(),
+        }
+    }
+
     /// The part's statistics: update count, size, key bounds.
     pub fn stats(&self) -> PartStats {
         part_stats(&self.part)

@@ -19,7 +19,7 @@ use timely::progress::{Antichain, Timestamp};
 use crate::error::{ClientError, ShardError, Since};
 use crate::fetch::{
     FetchFilter, FetchedPart, FetchedUpdate, LeasedBatchPart, PartReader, SerdeLeasedBatchPart,
-    consolidate_parts, merge_threads, part_stats,
+    consolidate_parts, part_stats,
 };
 use crate::ids::LeasedReaderId;
 use crate::internal::heartbeat::{self, ExpireOnDrop, HeartbeatTask, Holder};
@@ -286,13 +286,7 @@ where
                 .unwrap_or(SeqNo(0)),
             count: parts.len(),
         };
-        fetch_consolidated(
-            &self.reader,
-            &parts,
-            self.key_schema.as_ref(),
-            self.val_schema.as_ref(),
-        )
-        .await
+        fetch_consolidated(&self.reader, &parts, &self.key_schema, &self.val_schema).await
     }
 
     /// A cursor over the snapshot at `as_of`, fetching one part at a time
@@ -955,13 +949,20 @@ pub(crate) fn parts_of<T: Timestamp + Lattice + Codec64>(
 }
 
 /// Fetches `parts` (a few at a time, so blob latency overlaps, each
-/// decoded on a blocking thread as it arrives), keeps them decoded, and consolidates over slices of them: keys and values are
-/// copied once, into the decoded `K` and `V`.
+/// decoded on a blocking thread as it arrives) and consolidates them, keys
+/// and values copied once, into the decoded `K` and `V`.
+///
+/// The merge, tens of milliseconds of CPU for a large read, runs on a
+/// blocking thread, never on the caller's: the caller's runtime keeps
+/// running its other tasks (heartbeats, other reads), whatever kind of
+/// runtime or `LocalSet` it is. A failed fetch fails the read at once.
+/// Dropping the future stops the fetches; a merge already started runs to
+/// its end.
 pub(crate) async fn fetch_consolidated<K, V, T, D>(
     reader: &PartReader,
     parts: &[LeasedBatchPart<T>],
-    key_schema: &K::Schema,
-    val_schema: &V::Schema,
+    key_schema: &Arc<K::Schema>,
+    val_schema: &Arc<V::Schema>,
 ) -> Result<Vec<FetchedUpdate<K, V, T, D>>, ClientError<T>>
 where
     K: Codec,
@@ -970,30 +971,37 @@ where
     D: Semigroup + Codec64,
 {
     // Collected first: a stream over a closure borrowing the parts would
-    // make this future `Send` only for one lifetime, not for all.
+    // make this future `Send` only for one lifetime, not for all. A part
+    // holds its slot until decoded, so at most that many decode at once.
     let fetches: Vec<_> = parts
         .iter()
-        .map(|part| reader.fetch_then_decode(&part.part))
+        .map(|part| async move {
+            let decoding = reader.fetch_then_decode(&part.part).await?;
+            reader.decoded(&part.part, decoding).await
+        })
         .collect();
-    let decoding: Vec<_> = futures::stream::iter(fetches)
+    let decoded: Vec<DecodedPart> = futures::stream::iter(fetches)
         .buffered(SNAPSHOT_FETCH_CONCURRENCY)
         .try_collect()
         .await?;
-    let mut decoded = Vec::with_capacity(parts.len());
-    for (part, decoding) in parts.iter().zip(decoding) {
-        decoded.push(reader.decoded(&part.part, decoding).await?);
-    }
-    let merge = || consolidate_parts(parts, &decoded, key_schema, val_schema);
-    // A large merge is tens of milliseconds of CPU: where the runtime
-    // allows, its worker hands its other tasks (heartbeats, other reads) to
-    // another thread meanwhile.
-    let len: usize = decoded.iter().map(DecodedPart::len).sum();
-    let multi_thread = tokio::runtime::Handle::try_current()
-        .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if multi_thread && merge_threads(len) > 1 {
-        Ok(tokio::task::block_in_place(merge))
-    } else {
-        Ok(merge())
+    let copies: Vec<_> = parts.iter().map(LeasedBatchPart::unleased_copy).collect();
+    let (k, v) = (Arc::clone(key_schema), Arc::clone(val_schema));
+    let merging = tokio::task::spawn_blocking(move || {
+        consolidate_parts::<K, V, T, D>(&copies, &decoded, &*k, &*v)
+    });
+    match merging.await {
+        Ok(updates) => Ok(updates),
+        Err(err) => match err.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(ShardError::Part {
+                shard: reader.shard_id,
+                key: parts
+                    .first()
+                    .map_or_else(String::new, |p| p.part.key.clone()),
+                reason: "the read's merge was cancelled (the runtime is shutting down)".to_owned(),
+            }
+            .into()),
+        },
     }
 }
 

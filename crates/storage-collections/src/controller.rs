@@ -608,8 +608,8 @@ impl StorageCollectionsImpl {
                 .client
                 .snapshot_unleased::<Row, (), Timestamp, i64>(
                     shard,
-                    &SimpleSchema::new(),
-                    &SimpleSchema::new(),
+                    Arc::new(SimpleSchema::new()),
+                    Arc::new(SimpleSchema::new()),
                     as_of,
                 )
                 .await?);

@@ -276,8 +276,8 @@ impl DurableMetadata {
                 .client
                 .snapshot_unleased::<Key, (), u64, i64>(
                     self.shard,
-                    &StringSchema::new(),
-                    &UnitSchema::new(),
+                    Arc::new(StringSchema::new()),
+                    Arc::new(UnitSchema::new()),
                     Antichain::from_elem(upper - 1),
                 )
                 .await?;

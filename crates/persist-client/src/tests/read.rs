@@ -338,12 +338,32 @@ async fn write_handles_reuse_their_part_buffers() {
     assert_eq!(got, all_ok(&written, 1));
 }
 
-/// A read large enough to merge on several threads returns every update,
-/// in order, on either kind of runtime (on a multi-threaded one its worker
-/// steps aside for the merge).
+/// Writes two batches whose keys interleave, large enough for the read to
+/// merge on several threads, and checks that a snapshot returns every
+/// update in order.
+async fn read_a_large_snapshot() {
+    const PER_BATCH: u64 = 70_000;
+    let client = PersistClient::new_for_tests().await;
+    let (mut write, mut read) = expect_open::<Vec<u8>, (), u64, i64>(&client, ShardId::new()).await;
+    for b in 0..2u64 {
+        let data: Vec<_> = (0..PER_BATCH)
+            .map(|i| (((2 * i + b).to_be_bytes().to_vec(), ()), b, 1))
+            .collect();
+        expect_compare_and_append(&mut write, &data, b, b + 1).await;
+    }
+    let got = expect_snapshot_and_fetch(&mut read, 1).await;
+    assert_eq!(got.len() as u64, 2 * PER_BATCH);
+    for (i, ((k, v), t, d)) in got.into_iter().enumerate() {
+        assert_eq!(k, Ok((i as u64).to_be_bytes().to_vec()));
+        assert_eq!((v, t, d), (Ok(()), 1, 1));
+    }
+}
+
+/// A read large enough to merge on several threads works wherever a
+/// future can run: on either kind of runtime, in a spawned task, and in a
+/// `LocalSet` (where a worker may not block).
 #[test]
 fn large_snapshots_merge_on_any_runtime() {
-    const PER_BATCH: u64 = 70_000;
     let multi = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -353,24 +373,11 @@ fn large_snapshots_merge_on_any_runtime() {
         .enable_all()
         .build()
         .unwrap();
-    for runtime in [multi, current] {
-        runtime.block_on(async {
-            let client = PersistClient::new_for_tests().await;
-            let (mut write, mut read) =
-                expect_open::<Vec<u8>, (), u64, i64>(&client, ShardId::new()).await;
-            // Two batches whose keys interleave, so the parts are merged.
-            for b in 0..2u64 {
-                let data: Vec<_> = (0..PER_BATCH)
-                    .map(|i| (((2 * i + b).to_be_bytes().to_vec(), ()), b, 1))
-                    .collect();
-                expect_compare_and_append(&mut write, &data, b, b + 1).await;
-            }
-            let got = expect_snapshot_and_fetch(&mut read, 1).await;
-            assert_eq!(got.len() as u64, 2 * PER_BATCH);
-            for (i, ((k, v), t, d)) in got.into_iter().enumerate() {
-                assert_eq!(k, Ok((i as u64).to_be_bytes().to_vec()));
-                assert_eq!((v, t, d), (Ok(()), 1, 1));
-            }
-        });
-    }
+    multi.block_on(read_a_large_snapshot());
+    multi
+        .block_on(multi.spawn(read_a_large_snapshot()))
+        .unwrap();
+    multi.block_on(tokio::task::LocalSet::new().run_until(read_a_large_snapshot()));
+    current.block_on(read_a_large_snapshot());
+    current.block_on(tokio::task::LocalSet::new().run_until(read_a_large_snapshot()));
 }

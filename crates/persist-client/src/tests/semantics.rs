@@ -254,16 +254,16 @@ async fn unleased_snapshots_match_and_register_nothing() {
     let seqno =
         || async { client.inspect_shard::<u64>(shard).await.unwrap().unwrap()["seqno"].clone() };
     let before = seqno().await;
-    let (k, v) = (StringSchema::new(), StringSchema::new());
+    let (k, v) = (Arc::new(StringSchema::new()), Arc::new(StringSchema::new()));
     let unleased = client
-        .snapshot_unleased::<String, String, u64, i64>(shard, &k, &v, f(4))
+        .snapshot_unleased::<String, String, u64, i64>(shard, Arc::clone(&k), Arc::clone(&v), f(4))
         .await
         .unwrap();
     assert_eq!(before, seqno().await, "no state was written");
     assert_eq!(unleased, expect_snapshot_and_fetch(&mut read, 4).await);
     read.downgrade_since(&f(3)).await.unwrap();
     let err = client
-        .snapshot_unleased::<String, String, u64, i64>(shard, &k, &v, f(2))
+        .snapshot_unleased::<String, String, u64, i64>(shard, k, v, f(2))
         .await
         .unwrap_err();
     assert_eq!(err, ClientError::Since(Since(f(3))));
