@@ -336,7 +336,7 @@ where
         part: &LeasedBatchPart<T>,
     ) -> Result<FetchedPart<K, V, T, D>, ClientError<T>> {
         self.reader
-            .fetch(part, self.key_schema.as_ref(), self.val_schema.as_ref())
+            .fetch(part, &self.key_schema, &self.val_schema)
             .await
     }
 }
@@ -373,19 +373,22 @@ impl PartReader {
         }))
     }
 
-    /// The part decoding started by [`Self::fetch_then_decode`] for `part`.
-    /// A panic while decoding resumes here; decoding cancelled because the
-    /// runtime is shutting down is an error.
-    pub async fn decoded(
+    /// The result of blocking work on part `key` (such as the decoding
+    /// [`Self::fetch_then_decode`] started). A panic in it resumes here;
+    /// work cancelled because the runtime is shutting down is an error.
+    pub async fn joined<R>(
         &self,
-        part: &HollowPart,
-        decoding: JoinHandle<Result<DecodedPart, ShardError>>,
-    ) -> Result<DecodedPart, ShardError> {
-        match decoding.await {
-            Ok(decoded) => decoded,
+        key: &str,
+        work: JoinHandle<Result<R, ShardError>>,
+    ) -> Result<R, ShardError> {
+        match work.await {
+            Ok(done) => done,
             Err(err) => match err.try_into_panic() {
                 Ok(panic) => std::panic::resume_unwind(panic),
-                Err(_) => Err(self.part_error(&part.key, "decoding was cancelled".to_owned())),
+                Err(_) => Err(self.part_error(
+                    key,
+                    "its decoding was cancelled (the runtime is shutting down)".to_owned(),
+                )),
             },
         }
     }
@@ -418,12 +421,14 @@ impl PartReader {
         }
     }
 
-    /// Fetches `part` and decodes the updates its filter keeps.
+    /// Fetches `part` and decodes the updates its filter keeps. A large
+    /// part is decoded on a blocking thread, so that the caller's runtime
+    /// keeps running its other tasks meanwhile.
     pub async fn fetch<K, V, T, D>(
         &self,
         part: &LeasedBatchPart<T>,
-        key_schema: &K::Schema,
-        val_schema: &V::Schema,
+        key_schema: &Arc<K::Schema>,
+        val_schema: &Arc<V::Schema>,
     ) -> Result<FetchedPart<K, V, T, D>, ClientError<T>>
     where
         K: Codec,
@@ -443,18 +448,32 @@ impl PartReader {
                 updates: Vec::new().into_iter(),
             });
         }
-        let decoded = self.fetch_decoded(&part.part).await?;
-        let updates = consolidate_parts(
-            std::slice::from_ref(part),
-            std::slice::from_ref(&decoded),
-            key_schema,
-            val_schema,
-        );
+        let bytes = self.fetch_bytes(&part.part.key).await?;
+        let decode = {
+            let (reader, part) = (self.clone(), part.unleased_copy());
+            let (k, v) = (Arc::clone(key_schema), Arc::clone(val_schema));
+            move || {
+                let decoded = reader.decode(&part.part.key, bytes)?;
+                let parts = (std::slice::from_ref(&part), std::slice::from_ref(&decoded));
+                Ok(consolidate_parts::<K, V, T, D>(parts.0, parts.1, &*k, &*v))
+            }
+        };
+        let updates = if part.part.encoded_size_bytes < BLOCKING_DECODE_MIN_BYTES {
+            decode()?
+        } else {
+            let decoding = tokio::task::spawn_blocking(decode);
+            self.joined(&part.part.key, decoding).await?
+        };
         Ok(FetchedPart {
             updates: updates.into_iter(),
         })
     }
 }
+
+/// Parts at least this large are decoded on a blocking thread; smaller
+/// ones take less time to decode (tens of microseconds) than handing them
+/// over would.
+const BLOCKING_DECODE_MIN_BYTES: u64 = 256 * 1024;
 
 /// The updates of `parts` (decoded as `decoded`, in the same order) that
 /// their filters keep, advanced as the filters say, consolidated across

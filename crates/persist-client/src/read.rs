@@ -585,7 +585,7 @@ where
         let part = self.parts.pop_front()?;
         let fetched = self
             .reader
-            .fetch::<K, V, T, D>(&part, self.key_schema.as_ref(), self.val_schema.as_ref())
+            .fetch::<K, V, T, D>(&part, &self.key_schema, &self.val_schema)
             .await;
         if let Some(seqno) = part.leased_seqno {
             self.leases.release(seqno);
@@ -778,11 +778,7 @@ where
                 let fetched: Result<FetchedPart<K, V, T, D>, _> = self
                     .handle
                     .reader
-                    .fetch(
-                        &part,
-                        self.handle.key_schema.as_ref(),
-                        self.handle.val_schema.as_ref(),
-                    )
+                    .fetch(&part, &self.handle.key_schema, &self.handle.val_schema)
                     .await;
                 match fetched {
                     Ok(fetched) => {
@@ -977,7 +973,7 @@ where
         .iter()
         .map(|part| async move {
             let decoding = reader.fetch_then_decode(&part.part).await?;
-            reader.decoded(&part.part, decoding).await
+            reader.joined(&part.part.key, decoding).await
         })
         .collect();
     let decoded: Vec<DecodedPart> = futures::stream::iter(fetches)
@@ -987,22 +983,10 @@ where
     let copies: Vec<_> = parts.iter().map(LeasedBatchPart::unleased_copy).collect();
     let (k, v) = (Arc::clone(key_schema), Arc::clone(val_schema));
     let merging = tokio::task::spawn_blocking(move || {
-        consolidate_parts::<K, V, T, D>(&copies, &decoded, &*k, &*v)
+        Ok(consolidate_parts::<K, V, T, D>(&copies, &decoded, &*k, &*v))
     });
-    match merging.await {
-        Ok(updates) => Ok(updates),
-        Err(err) => match err.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(_) => Err(ShardError::Part {
-                shard: reader.shard_id,
-                key: parts
-                    .first()
-                    .map_or_else(String::new, |p| p.part.key.clone()),
-                reason: "the read's merge was cancelled (the runtime is shutting down)".to_owned(),
-            }
-            .into()),
-        },
-    }
+    let first = parts.first().map_or("", |p| p.part.key.as_str());
+    Ok(reader.joined(first, merging).await?)
 }
 
 /// How many parts `snapshot_and_fetch` fetches at once.
