@@ -16,7 +16,6 @@ use persist_types::{Codec, Codec64, ShardId};
 use serde::{Deserialize, Serialize};
 use timely::PartialOrder;
 use timely::progress::{Antichain, Timestamp};
-use tokio::task::JoinHandle;
 
 use crate::cfg::DynamicConfig;
 use crate::error::{ClientError, Codecs, InvalidUsage, ShardError};
@@ -358,39 +357,43 @@ impl PartReader {
         self.decode(&part.key, bytes)
     }
 
-    /// [`Self::fetch_decoded`], returning as soon as the bytes are in: the
-    /// decoding (pages and checksums, CPU work) runs on a blocking thread,
-    /// and the caller goes on fetching meanwhile. Await the result with
-    /// [`Self::decoded`]; dropped, the decoding still runs to its end.
-    pub async fn fetch_then_decode(
-        &self,
-        part: &HollowPart,
-    ) -> Result<JoinHandle<Result<DecodedPart, ShardError>>, ShardError> {
-        let bytes = self.fetch_bytes(&part.key).await?;
-        let (reader, key) = (self.clone(), part.key.clone());
-        Ok(tokio::task::spawn_blocking(move || {
-            reader.decode(&key, bytes)
-        }))
-    }
-
-    /// The result of blocking work on part `key` (such as the decoding
-    /// [`Self::fetch_then_decode`] started). A panic in it resumes here;
-    /// work cancelled because the runtime is shutting down is an error.
-    pub async fn joined<R>(
+    /// Runs `work`, CPU work on `bytes` bytes of part `key`: inline if
+    /// that is small, else on a blocking thread, so that the caller's
+    /// runtime keeps running its other tasks (heartbeats, other reads)
+    /// meanwhile, whatever kind of runtime or `LocalSet` it is. A panic in
+    /// `work` resumes here; work cancelled because the runtime is shutting
+    /// down is an error. Dropped, started work still runs to its end.
+    pub async fn off_runtime<R: Send + 'static>(
         &self,
         key: &str,
-        work: JoinHandle<Result<R, ShardError>>,
+        bytes: u64,
+        work: impl FnOnce() -> Result<R, ShardError> + Send + 'static,
     ) -> Result<R, ShardError> {
-        match work.await {
+        if bytes < BLOCKING_WORK_MIN_BYTES {
+            return work();
+        }
+        match tokio::task::spawn_blocking(work).await {
             Ok(done) => done,
             Err(err) => match err.try_into_panic() {
                 Ok(panic) => std::panic::resume_unwind(panic),
                 Err(_) => Err(self.part_error(
                     key,
-                    "its decoding was cancelled (the runtime is shutting down)".to_owned(),
+                    "reading it was cancelled (the runtime is shutting down)".to_owned(),
                 )),
             },
         }
+    }
+
+    /// [`Self::fetch_decoded`], decoding as [`Self::off_runtime`] runs work.
+    pub async fn fetch_decoded_off_runtime(
+        &self,
+        part: &HollowPart,
+    ) -> Result<DecodedPart, ShardError> {
+        let bytes = self.fetch_bytes(&part.key).await?;
+        let (reader, key) = (self.clone(), part.key.clone());
+        let size = bytes.len() as u64;
+        self.off_runtime(&part.key, size, move || reader.decode(&key, bytes))
+            .await
     }
 
     /// Decodes `bytes`, read from `key`, checking the part's codecs.
@@ -421,9 +424,8 @@ impl PartReader {
         }
     }
 
-    /// Fetches `part` and decodes the updates its filter keeps. A large
-    /// part is decoded on a blocking thread, so that the caller's runtime
-    /// keeps running its other tasks meanwhile.
+    /// Fetches `part` and decodes the updates its filter keeps, off the
+    /// caller's runtime if the part is large (see [`Self::off_runtime`]).
     pub async fn fetch<K, V, T, D>(
         &self,
         part: &LeasedBatchPart<T>,
@@ -449,31 +451,24 @@ impl PartReader {
             });
         }
         let bytes = self.fetch_bytes(&part.part.key).await?;
-        let decode = {
-            let (reader, part) = (self.clone(), part.unleased_copy());
-            let (k, v) = (Arc::clone(key_schema), Arc::clone(val_schema));
-            move || {
-                let decoded = reader.decode(&part.part.key, bytes)?;
-                let parts = (std::slice::from_ref(&part), std::slice::from_ref(&decoded));
-                Ok(consolidate_parts::<K, V, T, D>(parts.0, parts.1, &*k, &*v))
-            }
+        let size = bytes.len() as u64;
+        let (reader, copy) = (self.clone(), part.unleased_copy());
+        let (k, v) = (Arc::clone(key_schema), Arc::clone(val_schema));
+        let read = move || {
+            let decoded = reader.decode(&copy.part.key, bytes)?;
+            let parts = (std::slice::from_ref(&copy), std::slice::from_ref(&decoded));
+            Ok(consolidate_parts::<K, V, T, D>(parts.0, parts.1, &*k, &*v))
         };
-        let updates = if part.part.encoded_size_bytes < BLOCKING_DECODE_MIN_BYTES {
-            decode()?
-        } else {
-            let decoding = tokio::task::spawn_blocking(decode);
-            self.joined(&part.part.key, decoding).await?
-        };
+        let updates = self.off_runtime(&part.part.key, size, read).await?;
         Ok(FetchedPart {
             updates: updates.into_iter(),
         })
     }
 }
 
-/// Parts at least this large are decoded on a blocking thread; smaller
-/// ones take less time to decode (tens of microseconds) than handing them
-/// over would.
-const BLOCKING_DECODE_MIN_BYTES: u64 = 256 * 1024;
+/// Reading at least this many part bytes runs on a blocking thread;
+/// less takes less time (tens of microseconds) than handing it over would.
+const BLOCKING_WORK_MIN_BYTES: u64 = 256 * 1024;
 
 /// The updates of `parts` (decoded as `decoded`, in the same order) that
 /// their filters keep, advanced as the filters say, consolidated across

@@ -948,10 +948,9 @@ pub(crate) fn parts_of<T: Timestamp + Lattice + Codec64>(
 /// decoded on a blocking thread as it arrives) and consolidates them, keys
 /// and values copied once, into the decoded `K` and `V`.
 ///
-/// The merge, tens of milliseconds of CPU for a large read, runs on a
-/// blocking thread, never on the caller's: the caller's runtime keeps
-/// running its other tasks (heartbeats, other reads), whatever kind of
-/// runtime or `LocalSet` it is. A failed fetch fails the read at once.
+/// The merge, tens of milliseconds of CPU for a large read, runs off the
+/// caller's runtime (see [`PartReader::off_runtime`]), as does each
+/// large part's decoding. A failed fetch fails the read at once.
 /// Dropping the future stops the fetches; a merge already started runs to
 /// its end.
 pub(crate) async fn fetch_consolidated<K, V, T, D>(
@@ -971,10 +970,7 @@ where
     // holds its slot until decoded, so at most that many decode at once.
     let fetches: Vec<_> = parts
         .iter()
-        .map(|part| async move {
-            let decoding = reader.fetch_then_decode(&part.part).await?;
-            reader.joined(&part.part.key, decoding).await
-        })
+        .map(|part| reader.fetch_decoded_off_runtime(&part.part))
         .collect();
     let decoded: Vec<DecodedPart> = futures::stream::iter(fetches)
         .buffered(SNAPSHOT_FETCH_CONCURRENCY)
@@ -982,11 +978,10 @@ where
         .await?;
     let copies: Vec<_> = parts.iter().map(LeasedBatchPart::unleased_copy).collect();
     let (k, v) = (Arc::clone(key_schema), Arc::clone(val_schema));
-    let merging = tokio::task::spawn_blocking(move || {
-        Ok(consolidate_parts::<K, V, T, D>(&copies, &decoded, &*k, &*v))
-    });
+    let size = parts.iter().map(|p| p.part.encoded_size_bytes).sum();
     let first = parts.first().map_or("", |p| p.part.key.as_str());
-    Ok(reader.joined(first, merging).await?)
+    let merge = move || Ok(consolidate_parts::<K, V, T, D>(&copies, &decoded, &*k, &*v));
+    Ok(reader.off_runtime(first, size, merge).await?)
 }
 
 /// How many parts `snapshot_and_fetch` fetches at once.
